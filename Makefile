@@ -1,0 +1,37 @@
+# Quick start: `make train` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STAMP_DEV := $(VENV)/.installed-dev
+
+.PHONY: train test lint bench gradcheck clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(STAMP_DEV): pyproject.toml $(STAMP)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+train: $(STAMP)
+	$(VENV)/bin/jax-lstm train $(ARGS)
+
+test: $(STAMP_DEV)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP_DEV)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(VENV)/bin/jax-lstm bench $(ARGS)
+
+gradcheck: $(STAMP)
+	$(VENV)/bin/jax-lstm gradcheck $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

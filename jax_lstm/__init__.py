@@ -1,0 +1,18 @@
+"""jax_lstm: an LSTM for JAX whose backpropagation through time is written by hand."""
+
+from jax_lstm.bptt import lstm
+from jax_lstm.cell import LSTMParams, LSTMState, init_params, lstm_cell, zeros_state
+from jax_lstm.reference import LSTMTrace, lstm_ref, lstm_trace
+
+__all__ = [
+    "LSTMParams",
+    "LSTMState",
+    "LSTMTrace",
+    "init_params",
+    "lstm",
+    "lstm_cell",
+    "lstm_ref",
+    "lstm_trace",
+    "zeros_state",
+]
+__version__ = "0.1.0"

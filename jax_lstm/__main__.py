@@ -1,0 +1,3 @@
+from jax_lstm.cli import main
+
+raise SystemExit(main())
