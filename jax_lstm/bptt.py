@@ -118,6 +118,7 @@ def _lstm_fwd(W, U, b, xs, h0, c0, mask, reverse, unroll):
     return (hs, h, c), (W, U, xs, h0, c0, mask, hs, acts, cs)
 
 
+@jax.named_scope("lstm_bptt_bwd")
 def _lstm_bwd(reverse, unroll, res, cts):
     W, U, xs, h0, c0, mask, hs, acts, cs = res
     del res

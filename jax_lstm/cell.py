@@ -194,7 +194,13 @@ def check_inputs(params, xs, state0, seq_lengths, unroll) -> tuple[int, int, int
         for name, a in (("state0.h", state0[0]), ("state0.c", state0[1])):
             shape = getattr(a, "shape", None)
             if shape is None or tuple(shape) != (B, H):
-                raise ValueError(_shape_msg(name, shape if shape is not None else (), f"(B, H) = ({B}, {H}) from xs {tuple(xs.shape)} and params.W {tuple(W.shape)}"))
+                raise ValueError(
+                    _shape_msg(
+                        name,
+                        shape if shape is not None else (),
+                        f"(B, H) = ({B}, {H}) from xs {tuple(xs.shape)} and params.W {tuple(W.shape)}",
+                    )
+                )
             if not jnp.issubdtype(a.dtype, jnp.floating):
                 raise TypeError(f"{name} must be floating point, got dtype {a.dtype}")
     if seq_lengths is not None:
@@ -204,7 +210,9 @@ def check_inputs(params, xs, state0, seq_lengths, unroll) -> tuple[int, int, int
         if tuple(shape) != (B,):
             raise ValueError(_shape_msg("seq_lengths", shape, f"(B,) = ({B},) from xs {tuple(xs.shape)}"))
         if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
-            raise TypeError(f"seq_lengths must have an integer dtype, got {seq_lengths.dtype} with shape {tuple(shape)}")
+            raise TypeError(
+                f"seq_lengths must have an integer dtype, got {seq_lengths.dtype} with shape {tuple(shape)}"
+            )
     if not isinstance(unroll, (int, np.integer)) or isinstance(unroll, bool) or unroll < 1:
         raise ValueError(f"unroll must be a positive int, got {unroll!r}")
     return T, B, D, H
