@@ -57,7 +57,7 @@ def replicate(mesh: Mesh, tree):
     """Place every leaf of ``tree`` on all devices of ``mesh`` (params, optimizer state, keys)."""
     sharding = NamedSharding(mesh, PartitionSpec())
     if jax.process_count() == 1:
-        return jax.tree.map(lambda a: jax.device_put(a, sharding), tree)
+        return jax.tree.map(lambda a: jax.device_put(a, sharding, may_alias=False), tree)
     # every process holds the full value: assemble one global, replicated array from them
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a), np.shape(a)), tree)
 
