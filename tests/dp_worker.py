@@ -48,9 +48,9 @@ def main() -> None:
     p, s = parallel.replicate(mesh, params), parallel.replicate(mesh, opt.init(params))
     train_step = parallel.data_parallel(step, mesh)
     losses = []
+    n, k = jax.process_count(), jax.process_index()
     for batch in batches:
         if multi:  # each process feeds its own rows of the global batch
-            n, k = jax.process_count(), jax.process_index()
             batch = jax.tree.map(lambda a: a[k * B // n : (k + 1) * B // n], batch)
         p, s, m = train_step(p, s, parallel.shard_batch(mesh, batch, process_local=multi))
         losses.append(float(m["loss"]))
