@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STAMP_DEV := $(VENV)/.installed-dev
+# pytest-xdist workers: the suite is sized for 2 cores
+JOBS ?= 2
 
 .PHONY: train test lint bench gradcheck clean
 
@@ -22,7 +24,7 @@ train: $(STAMP)
 	$(VENV)/bin/jax-lstm train $(ARGS)
 
 test: $(STAMP_DEV)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS)
 
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check .
