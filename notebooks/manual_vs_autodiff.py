@@ -1,0 +1,725 @@
+# %% [markdown]
+# # Manual vs autodiff: the LSTM's backpropagation through time, rule by rule
+#
+# `jax_lstm.lstm` computes its gradient with a hand-written backward pass (BPTT, a `jax.custom_vjp`);
+# `jax_lstm.lstm_ref` is a plain `lax.scan` over `jax_lstm.lstm_cell` differentiated by JAX. This notebook
+#
+# 1. recalls the forward equations and how the parameters are laid out;
+# 2. turns every backward rule of the seed document (δ1…δ26, the LSTM-units page of the R package `rnn`)
+#    into code for one time step, checks it against `jax.vjp` of `lstm_cell`, and lists the rules the seed
+#    gets wrong, with the measured error of each literal rule;
+# 3. compares the whole-sequence gradients of `lstm` and `lstm_ref` for every input, in float32 and float64,
+#    and against finite differences;
+# 4. shows what BPTT does over time: how dL/dh_t and dL/dc_t shrink or grow going back in time;
+# 5. measures speed and compiled memory of a manual and an autodiff train step;
+# 6. trains a small model with both gradients and gets the same loss curve.
+#
+# The notebook imports `jax_lstm` and never re-implements its forward math; the only LSTM algebra written
+# here is the seed's list of backward rules in section 2, since that list is what is being checked.
+#
+# Setting the environment variable `JAX_LSTM_NB_FAST=1` runs the same code on smaller shapes (the test suite
+# does this); the stored outputs come from a full run.
+
+# %%
+import os
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+
+jax.config.update("jax_enable_x64", True)  # float64 is used for every exact comparison below
+
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
+from IPython.display import Markdown, display
+
+import jax_lstm as jl
+from jax_lstm import LSTMParams, LSTMState
+from jax_lstm.cell import preactivations, split_gates
+
+FAST = os.environ.get("JAX_LSTM_NB_FAST") == "1"
+F32, F64 = jnp.float32, jnp.float64
+GATES = ("f", "i", "g", "o")
+print("jax", jax.__version__, "| backend", jax.default_backend(), "| fast mode" if FAST else "| full run")
+
+
+def max_abs(a, b) -> float:
+    """max |a - b| over all entries, computed in float64."""
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+
+
+def max_rel(a, b) -> float:
+    """max |a - b| / max |b|: the error relative to the size of the reference b."""
+    return max_abs(a, b) / max(float(np.max(np.abs(np.asarray(b, np.float64)), initial=0.0)), 1e-300)
+
+
+def md_table(header, rows) -> Markdown:
+    """A list of rows as a Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return Markdown("\n".join(lines))
+
+
+# %% [markdown]
+# ## 1. Forward equations and parameter layout
+#
+# Row-vector convention, as in the seed: `W` multiplies the previous hidden state, `U` the input. The four
+# gates share one matrix product, their blocks side by side in the order **f, i, g, o**:
+#
+# $$z_t = h_{t-1} W + x_t U + b \qquad (B \times 4H)$$
+# $$f_t = \sigma(z_f),\quad i_t = \sigma(z_i),\quad g_t = \tanh(z_g),\quad o_t = \sigma(z_o)$$
+# $$c_t = c_{t-1} \odot f_t + i_t \odot g_t, \qquad h_t = \tanh(c_t) \odot o_t$$
+#
+# Shapes: `W` (H, 4H), `U` (D, 4H), `b` (4H,), `x_t` (B, D), `h_t` and `c_t` (B, H). The seed writes the same
+# equations without a bias; `init_params` sets the forget block of `b` to `forget_bias` (1.0 by default) and
+# the rest to zero, so a fresh cell starts out remembering.
+
+# %%
+demo = jl.init_params(jax.random.PRNGKey(0), input_size=3, hidden_size=4, forget_bias=1.0, dtype=F64)
+print({name: (a.shape, str(a.dtype)) for name, a in demo._asdict().items()})
+
+fig, axes = plt.subplots(3, 1, figsize=(7, 5), gridspec_kw={"height_ratios": [4, 3, 1]}, layout="constrained")
+H = demo.W.shape[0]
+for ax, (name, a) in zip(
+    axes,
+    [("W  (H, 4H): multiplies h_{t-1}", demo.W), ("U  (D, 4H): multiplies x_t", demo.U), ("b  (4H,)", demo.b[None, :])],
+    strict=True,
+):
+    im = ax.imshow(np.asarray(a), cmap="RdBu_r", vmin=-1.2, vmax=1.2, aspect="auto")
+    for k in range(1, 4):
+        ax.axvline(k * H - 0.5, color="k", lw=2)
+    ax.set_yticks([])
+    ax.set_xticks([k * H + (H - 1) / 2 for k in range(4)], [f"{gate} block" for gate in GATES])
+    ax.set_title(name, fontsize=9, loc="left")
+fig.colorbar(im, ax=axes, shrink=0.8)
+plt.show()
+
+# %% [markdown]
+# Every gate's block is the same column range in `W`, `U` and `b`; `jax_lstm.cell.split_gates` cuts any
+# (..., 4H) array into its f, i, g, o parts. One step of the cell has `lax.scan`'s body signature:
+
+# %%
+state = jl.zeros_state(batch_size=2, hidden_size=4, dtype=F64)
+x_t = jnp.ones((2, 3), F64)
+new_state, h_t = jl.lstm_cell(demo, state, x_t)
+print("h_t", h_t.shape, h_t.dtype, "| c_t", new_state.c.shape, "| W_f", split_gates(demo.W)[0].shape)
+
+# %% [markdown]
+# ## 2. The seed's rules δ1…δ26, one time step
+#
+# The seed back-propagates one step as follows. Given three incoming errors,
+#
+# * δ1 = dL/dh_t from the layer above (here: the cell's output `h_t`),
+# * δ2 = dL/dh_t from the future (the next step's δ25),
+# * δ4 = dL/dc_t from the future (the next step's δ11),
+#
+# it computes the errors of every intermediate quantity, then δ11 = dL/dc_{t-1} and δ25 = dL/dh_{t-1} for the
+# previous step, δ26 = dL/dx_t for the layer below, and the weight gradients. Its numbering follows a picture of
+# the cell in which δk is the error at node k: node 5 is tanh(c_t), 6 is o_t, 9 is g_t, 10 is i_t, 11 is c_{t-1}
+# and 12 is f_t. In `δ7 = δ5 · f'(5)` the seed means the derivative of the function that produced node 5.
+#
+# **What autodiff says each δ must be.** With random δ1, δ2, δ4 as cotangents, `jax.vjp` of `lstm_cell` gives
+# the gradients at the cell's inputs: W, U, b, h_{t-1} (δ25), c_{t-1} (δ11) and x_t (δ26). The other δs
+# are gradients at quantities inside the cell, and we reach them from autodiff too:
+#
+# * the pre-activation error dL/dz_t (δ13…δ16): run `lstm_cell` row by row under `jax.vmap`, each row with its
+#   own copy of `b`; the gradient of row r's bias is row r of dL/dz_t;
+# * the share of one gate in dL/dx_t (δ17, δ19, δ21, δ23) or in dL/dh_{t-1} (δ18, δ20, δ22, δ24): run the cell
+#   with `U` (or `W`) zero outside that gate's block and feed the other blocks' `x_t U` (or `h_{t-1} W`) in
+#   through the per-row bias as a constant; the forward pass is unchanged and the input gradient is that gate's
+#   share;
+# * dL/dc_t (δ8): c_{t-1} enters only through c_t = c_{t-1}·f_t + …, so δ8 = (dL/dc_{t-1}) / f_t; δ7, the part
+#   that comes through h_t, is the same with δ4 = 0;
+# * the errors of the activations (δ6, δ9, δ10, δ12) and of tanh(c_t) (δ5) follow from those by dividing by the
+#   activation's derivative, taken with `jax.grad` of `jax.nn.sigmoid` / `jnp.tanh` at the pre-activation.
+#
+# We use D = H so that every literal rule can be evaluated at all (see δ23).
+
+# %%
+B, D, H = 5, 4, 4
+keys = jax.random.split(jax.random.PRNGKey(42), 10)
+params = jl.init_params(keys[0], D, H, dtype=F64)
+# move the parameters away from their initial values so that every gate is exercised
+params = LSTMParams(*(a + 0.5 * jax.random.normal(k, a.shape, F64) for a, k in zip(params, keys[1:4], strict=True)))
+x = jax.random.normal(keys[4], (B, D), F64)
+h_prev = jax.random.normal(keys[5], (B, H), F64)
+c_prev = jax.random.normal(keys[6], (B, H), F64)
+d1, d2, d4 = (jax.random.normal(k, (B, H), F64) for k in keys[7:10])
+state_prev = LSTMState(h_prev, c_prev)
+
+# the forward values of this step, from the library: gates f, i, g, o and c_t (lstm_trace), pre-activations z_t
+trace = jl.lstm_trace(params, x[None], state_prev)
+f, i, g, o, c = (a[0] for a in (trace.f, trace.i, trace.g, trace.o, trace.c))
+z_f, z_i, z_g, z_o = split_gates(preactivations(params, h_prev, x, F64))
+W_f, W_i, W_g, W_o = split_gates(params.W)
+U_f, U_i, U_g, U_o = split_gates(params.U)
+
+# derivative *functions* of the activations, by autodiff: sigmoid'(u) and tanh'(u) at any u
+sigmoid_prime = jnp.vectorize(jax.grad(jax.nn.sigmoid))
+tanh_prime = jnp.vectorize(jax.grad(jnp.tanh))
+
+# %% [markdown]
+# The reference values, all from `jax.vjp` of `lstm_cell`:
+
+# %%
+cotangent = (LSTMState(d2, d4), d1)  # on (new state (h_t, c_t), output h_t)
+(_, _), cell_vjp = jax.vjp(jl.lstm_cell, params, state_prev, x)
+g_params, g_state, g_x = cell_vjp(cotangent)
+
+
+def cell_rows(W, U, b_rows, h_prev, c_prev, x):
+    """lstm_cell on each batch row separately, row r with its own bias b_rows[r] (4H,); outputs as lstm_cell's."""
+
+    def one(b_r, h_r, c_r, x_r):
+        new, y = jl.lstm_cell(LSTMParams(W, U, b_r), LSTMState(h_r[None], c_r[None]), x_r[None])
+        return LSTMState(new.h[0], new.c[0]), y[0]
+
+    return jax.vmap(one)(b_rows, h_prev, c_prev, x)
+
+
+b_rows = jnp.broadcast_to(params.b, (B, 4 * H))
+dz = jax.vjp(lambda b_r: cell_rows(params.W, params.U, b_r, h_prev, c_prev, x), b_rows)[1](cotangent)[0]
+dz_f, dz_i, dz_g, dz_o = split_gates(dz)
+
+
+def gate_share(gate: int, wrt: str):
+    """One gate's share of dL/dx_t (wrt="x") or of dL/dh_{t-1} (wrt="h"), by autodiff of lstm_cell."""
+    keep = (jnp.arange(4 * H) // H == gate)[None, :]  # (1, 4H): the columns of this gate's block
+    if wrt == "x":
+        U_only = jnp.where(keep, params.U, 0.0)
+        bias = params.b[None, :] + x @ (params.U - U_only)  # the other blocks' x_t U, as a constant
+        return jax.vjp(lambda x_: cell_rows(params.W, U_only, bias, h_prev, c_prev, x_), x)[1](cotangent)[0]
+    W_only = jnp.where(keep, params.W, 0.0)
+    bias = params.b[None, :] + h_prev @ (params.W - W_only)
+    return jax.vjp(lambda h_: cell_rows(W_only, params.U, bias, h_, c_prev, x), h_prev)[1](cotangent)[0]
+
+
+# δ7 is dL/dc_t through h_t only: the same VJP with no error coming from the future cell (δ4 = 0)
+g_state_no_d4 = cell_vjp((LSTMState(d2, jnp.zeros_like(d4)), d1))[1]
+dW, dU = split_gates(g_params.W), split_gates(g_params.U)
+
+ref = {1: d1, 2: d2, 4: d4}
+ref[3] = d1 + d2  # dL/dh_t: h_t is both the output and the next state, so its two cotangents add
+ref[8] = g_state.c / f  # dL/dc_t
+ref[7] = g_state_no_d4.c / f  # dL/dc_t through h_t only
+ref[5] = ref[7] / tanh_prime(c)  # dL/dtanh(c_t)
+ref[6] = dz_o / sigmoid_prime(z_o)  # dL/do_t
+ref[9] = dz_g / tanh_prime(z_g)  # dL/dg_t
+ref[10] = dz_i / sigmoid_prime(z_i)  # dL/di_t
+ref[11] = g_state.c  # dL/dc_{t-1}
+ref[12] = dz_f / sigmoid_prime(z_f)  # dL/df_t
+ref[13], ref[14], ref[15], ref[16] = dz_o, dz_g, dz_i, dz_f  # dL/dz for the o, g, i, f blocks
+ref[17], ref[19], ref[21], ref[23] = (gate_share(k, "x") for k in (3, 2, 1, 0))  # shares of dL/dx_t
+ref[18], ref[20], ref[22], ref[24] = (gate_share(k, "h") for k in (3, 2, 1, 0))  # shares of dL/dh_{t-1}
+ref[25] = g_state.h  # dL/dh_{t-1}
+ref[26] = g_x  # dL/dx_t
+ref.update({f"W_{n}": w for n, w in zip(GATES, dW, strict=True)})
+ref.update({f"U_{n}": u for n, u in zip(GATES, dU, strict=True)})
+ref["b"] = g_params.b
+
+# δ3 as autodiff sees it: δ1 on the output plus δ2 on the state is the same as δ3 on the state alone
+alt = cell_vjp((LSTMState(d1 + d2, d4), jnp.zeros_like(d1)))
+print(
+    "δ3 check, max |difference| over all gradients:",
+    max(max_abs(a, b) for a, b in zip(jax.tree.leaves(alt), jax.tree.leaves((g_params, g_state, g_x)), strict=True)),
+)
+print(
+    "the per-gate shares add up to the input gradients:",
+    max_abs(ref[17] + ref[19] + ref[21] + ref[23], g_x),
+    max_abs(ref[18] + ref[20] + ref[22] + ref[24], g_state.h),
+)
+
+# %% [markdown]
+# ### The rules as code
+#
+# Each rule below is written twice: `seed`, exactly as the seed writes it, and `fix`, the correct form (the same
+# function when the seed is right). `d` holds the δs computed so far. The seed's `*` is a matrix product and `·`
+# an element-wise product; rows are batch entries, so `δ13 * U_o^T` is `d[13] @ U_o.T`.
+#
+# The literal reading of `tanh'(tanh(c_t))` and `sigmoid'(o_t)` applies the derivative function to the
+# activation: `tanh_prime(jnp.tanh(c))`, `sigmoid_prime(o)`.
+
+
+# %%
+class Rule(NamedTuple):
+    name: int | str  # the δ number, or the weight a gradient rule is for
+    seed_text: str  # the rule as the seed writes it
+    fix_text: str  # the correct form
+    seed: Callable  # the seed's rule as code: d -> value
+    fix: Callable  # the correct rule as code
+
+
+RULES: list[Rule] = []
+
+
+def rule(name, seed_text, fix_text, seed, fix=None):
+    """Add a rule; ``fix_text=None`` and ``fix=None`` mean the seed's rule is kept as it is."""
+    RULES.append(Rule(name, seed_text, fix_text or seed_text, seed, fix or seed))
+
+
+rule(3, "δ1 + δ2", None, lambda d: d[1] + d[2])
+rule(5, "δ3 · o_t", None, lambda d: d[3] * o)
+rule(6, "δ3 · tanh(c_t)", None, lambda d: d[3] * jnp.tanh(c))
+rule(
+    7,
+    "δ5 · tanh'(tanh(c_t))",
+    "δ5 · (1 − tanh²(c_t))",
+    lambda d: d[5] * tanh_prime(jnp.tanh(c)),
+    lambda d: d[5] * (1 - jnp.tanh(c) ** 2),
+)
+rule(8, "δ7 · δ4", "δ7 + δ4", lambda d: d[7] * d[4], lambda d: d[7] + d[4])
+rule(9, "δ8 · i_t", None, lambda d: d[8] * i)
+rule(10, "δ8 · g_t", None, lambda d: d[8] * g)
+rule(11, "δ8 · f_t", None, lambda d: d[8] * f)
+rule(12, "δ8 · c_{t-1}", None, lambda d: d[8] * c_prev)
+rule(13, "δ6 · sigmoid'(o_t)", "δ6 · o_t(1 − o_t)", lambda d: d[6] * sigmoid_prime(o), lambda d: d[6] * o * (1 - o))
+rule(14, "δ9 · tanh'(g_t)", "δ9 · (1 − g_t²)", lambda d: d[9] * tanh_prime(g), lambda d: d[9] * (1 - g**2))
+rule(15, "δ10 · sigmoid'(i_t)", "δ10 · i_t(1 − i_t)", lambda d: d[10] * sigmoid_prime(i), lambda d: d[10] * i * (1 - i))
+rule(16, "δ12 · sigmoid'(f_t)", "δ12 · f_t(1 − f_t)", lambda d: d[12] * sigmoid_prime(f), lambda d: d[12] * f * (1 - f))
+rule(17, "δ13 * U_o^T", None, lambda d: d[13] @ U_o.T)
+rule(19, "δ14 * U_g^T", None, lambda d: d[14] @ U_g.T)
+rule(21, "δ15 * U_i^T", None, lambda d: d[15] @ U_i.T)
+rule(23, "δ16 * W_f^T", "δ16 * U_f^T", lambda d: d[16] @ W_f.T, lambda d: d[16] @ U_f.T)
+rule(18, "δ13 * W_o^T", None, lambda d: d[13] @ W_o.T)
+rule(20, "δ14 * W_g^T", None, lambda d: d[14] @ W_g.T)
+rule(22, "δ16 * W_i^T", "δ15 * W_i^T", lambda d: d[16] @ W_i.T, lambda d: d[15] @ W_i.T)
+rule(24, "δ16 * W_f^T", None, lambda d: d[16] @ W_f.T)
+rule(25, "δ18 + δ20 + δ22 + δ24", None, lambda d: d[18] + d[20] + d[22] + d[24])
+rule(26, "δ17 + δ19 + δ21 + δ23", None, lambda d: d[17] + d[19] + d[21] + d[23])
+for gate, k in zip(GATES, (16, 15, 14, 13), strict=True):  # δW_f += h_{t-1}^T * δ16, δU_f += x_t^T * δ16, ...
+    rule(f"W_{gate}", f"δW_{gate} + h_(t-1)^T * δ{k}", None, lambda d, k=k: h_prev.T @ d[k])
+    rule(f"U_{gate}", f"δU_{gate} + x_t^T * δ{k}", None, lambda d, k=k: x.T @ d[k])
+rule(
+    "b",
+    "(no bias)",
+    "Σ_batch [δ16 δ15 δ14 δ13]",
+    lambda d: jnp.zeros_like(params.b),
+    lambda d: jnp.concatenate([d[16], d[15], d[14], d[13]], axis=-1).sum(axis=0),
+)
+
+
+def run_rules(version: str) -> dict:
+    """Every rule in the seed's order, starting from δ1, δ2, δ4 alone; version "seed" or "fix"."""
+    d = {1: d1, 2: d2, 4: d4}
+    for r in RULES:
+        d[r.name] = getattr(r, version)(d)
+    return d
+
+
+seed_chain, fixed_chain = run_rules("seed"), run_rules("fix")
+
+# %% [markdown]
+# Three errors per rule, each the max absolute difference from the autodiff value (entries are O(1), the
+# last column gives the scale):
+#
+# * **seed rule alone**: the seed's rule applied to the correct δs it depends on: is the rule itself right?
+# * **seed list end to end**: the seed's whole list run from δ1, δ2, δ4: what an implementation of the list
+#   computes, errors of earlier rules included;
+# * **fixed**: the corrected list run end to end.
+
+# %%
+rows, wrong = [], []
+for name, seed_text, fix_text, seed, _ in RULES:
+    own = max_abs(seed(ref), ref[name])
+    chained = max_abs(seed_chain[name], ref[name])
+    fixed = max_abs(fixed_chain[name], ref[name])
+    right = own < 1e-10  # the references carry rounding errors up to ~1e-13 (they divide by small derivatives)
+    if not right:
+        wrong.append(name)
+    scale = float(jnp.max(jnp.abs(ref[name])))
+    rows.append(
+        [
+            f"δ{name}" if right else f"**δ{name}**",
+            f"`{seed_text}`",
+            f"`{fix_text}`",
+            "yes" if right else "**no**",
+            f"{own:.1e}",
+            f"{chained:.1e}",
+            f"{fixed:.1e}",
+            f"{scale:.2f}",
+        ]
+    )
+
+display(
+    md_table(
+        [
+            "rule",
+            "seed",
+            "correct",
+            "seed right?",
+            "seed rule alone",
+            "seed list end to end",
+            "fixed",
+            "max abs(autodiff)",
+        ],
+        [["δ1, δ2, δ4", "inputs", "random cotangents on h_t, h_t, c_t", "", "", "", "", ""]] + rows,
+    )
+)
+wrong = sorted(n for n in wrong if isinstance(n, int)) + [n for n in wrong if not isinstance(n, int)]
+print("rules the seed gets wrong:", ", ".join(f"δ{n}" for n in wrong))
+assert max(max_abs(fixed_chain[r.name], ref[r.name]) for r in RULES) < 1e-12, "a fixed rule disagrees with autodiff"
+
+# %% [markdown]
+# ### Why those rules are wrong
+#
+# * **δ7 and δ13–δ16: the derivative of the activation is taken at the wrong point.** By the chain rule,
+#   dL/dc_t through h_t is δ5 · tanh'(c_t), with tanh' evaluated at the *input* of the tanh; likewise
+#   dL/dz_o = δ6 · sigmoid'(z_o). The seed's general form, δ7 = δ5 · f'(5) ("the derivative of the function
+#   that made node 5"), is fine if f' is written through the node's value y: tanh' = 1 − y², sigmoid' =
+#   y(1 − y). But the seed then spells it out as tanh'(tanh(c_t)) and sigmoid'(o_t), which, read as written,
+#   put the activation's *output* into the derivative: 1 − tanh²(tanh(c_t)) applies tanh twice. Read that
+#   way, the five rules are off by as much as the gradient itself (table above); read with the
+#   output convention they are right (next cell).
+# * **δ8: a product where a sum belongs.** c_t reaches the loss along two paths, through h_t (δ7) and
+#   through c_{t+1} (δ4); the errors of the two paths add: δ8 = δ7 + δ4. The seed's δ7 · δ4 is a different
+#   quantity altogether (it is even zero at the last step, where δ4 = 0), and every rule after it inherits
+#   the error: in the end-to-end column, all of δ9…δ26 and the weight gradients are wrong.
+# * **δ22: the wrong gate's error.** The input gate's share of dL/dh_{t-1} is δ15 · W_i^T, the input gate's
+#   pre-activation error times its own weights; the seed multiplies the *forget* gate's δ16 by W_i^T. δ25
+#   (dL/dh_{t-1}, passed to the previous step as its δ2) is wrong with it.
+# * **δ23: the wrong matrix.** The forget gate's share of dL/dx_t goes through the input weights U_f, as for
+#   the three other gates (δ17, δ19, δ21); the seed writes W_f^T, copying δ24. With D ≠ H the literal rule
+#   does not even have the right shape; here D = H, so it evaluates, to the wrong numbers. δ26
+#   (dL/dx_t, passed to the layer below) is wrong with it.
+# * **No bias.** The seed's forward pass has no bias, so its list has no bias gradient; `lstm_cell` has one,
+#   and its gradient is the pre-activation error summed over the batch (and over time, in a sequence):
+#   db = Σ [δ16 δ15 δ14 δ13]. Leaving it out is an error of the size of db itself.
+#
+# Everything else is right: δ3, δ5, δ6, δ9–δ12, δ17–δ21, δ24–δ26 as formulas, and the weight updates
+# δW += h_{t-1}^T δ, δU += x_t^T δ. The seed also says δ11, δ25 and δ26 are "used for the next layers";
+# δ26 goes to the layer below, while δ11 and δ25 go to the previous time step as its δ4 and δ2.
+
+# %%
+readings = {
+    "δ7 with tanh'(y) = 1 − y²": (ref[5] * (1 - jnp.tanh(c) ** 2), ref[7]),
+    "δ13 with sigmoid'(y) = y(1 − y)": (ref[6] * o * (1 - o), ref[13]),
+    "δ14 with tanh'(y) = 1 − y²": (ref[9] * (1 - g**2), ref[14]),
+    "δ15 with sigmoid'(y) = y(1 − y)": (ref[10] * i * (1 - i), ref[15]),
+    "δ16 with sigmoid'(y) = y(1 − y)": (ref[12] * f * (1 - f), ref[16]),
+}
+for text, (value, target) in readings.items():
+    print(f"{text:34s} max |error| {max_abs(value, target):.1e}")
+
+# %% [markdown]
+# The corrected list is what `jax_lstm/bptt.py` implements for a whole sequence, each line naming the seed rule
+# it stands for. There the four pre-activation errors δ16, δ15, δ14, δ13 form one (B, 4H) array dz_t, so
+# δ25 = dz_t W^T and δ26 = dz_t U^T are single matrix products, and dW, dU, db are summed over all time
+# steps at once after the backward scan.
+
+# %% [markdown]
+# ## 3. The whole sequence: `lstm` (manual) vs `lstm_ref` (autodiff)
+#
+# Random cotangents on every output (`hs`, and the final `h` and `c`), so that every path of the backward pass
+# is used; the gradient of every input: `W`, `U`, `b`, `xs`, `h0`, `c0`.
+
+# %%
+T, B, D, H = (12, 3, 3, 5) if FAST else (40, 4, 3, 8)
+
+
+def problem(dtype, seed=0):
+    """Params moved off their init, inputs and initial state, all in ``dtype``."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+    p = jl.init_params(ks[0], D, H, dtype=dtype)
+    p = LSTMParams(*(a + 0.3 * jax.random.normal(k, a.shape, dtype) for a, k in zip(p, ks[1:4], strict=True)))
+    xs = jax.random.normal(ks[4], (T, B, D), dtype)
+    s0 = LSTMState(*(jax.random.normal(k, (B, H), dtype) for k in ks[5:7]))
+    return p, xs, s0
+
+
+def vjp_all(fn, p, xs, s0, seed=1):
+    """Outputs of fn and its VJP for one random cotangent on (hs, h_T, c_T)."""
+    out, vjp = jax.vjp(lambda p_, xs_, s_: fn(p_, xs_, s_), p, xs, s0)
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    ct = (
+        jax.random.normal(ks[0], out[0].shape, out[0].dtype),
+        LSTMState(*(jax.random.normal(k, out[1].h.shape, out[1].h.dtype) for k in ks[1:])),
+    )
+    (gp, gxs, gs) = vjp(ct)
+    return out, {"W": gp.W, "U": gp.U, "b": gp.b, "xs": gxs, "h0": gs.h, "c0": gs.c}
+
+
+rows = []
+for dtype in (F32, F64):
+    p, xs, s0 = problem(dtype)
+    out_m, grads_m = vjp_all(jax.jit(jl.lstm), p, xs, s0)
+    out_r, grads_r = vjp_all(jax.jit(jl.lstm_ref), p, xs, s0)
+    rows.append([jnp.dtype(dtype).name, "values (hs, h_T, c_T)", f"{max(map(max_abs, out_m, out_r)):.1e}", ""])
+    for name in grads_m:
+        assert grads_m[name].dtype == dtype
+        rows.append(
+            [
+                jnp.dtype(dtype).name,
+                f"d{name} {tuple(grads_m[name].shape)}",
+                f"{max_abs(grads_m[name], grads_r[name]):.1e}",
+                f"{max_rel(grads_m[name], grads_r[name]):.1e}",
+            ]
+        )
+        assert max_rel(grads_m[name], grads_r[name]) < (1e-5 if dtype == F32 else 1e-10), name
+display(md_table(["dtype", "quantity", "max abs error", "max rel error"], rows))
+
+# %% [markdown]
+# The relative error is max |manual − autodiff| / max |autodiff|: about 1e-16 in float64 and 1e-7 in float32,
+# the rounding of the dtype. The two sides compute the same sums in a different order (the manual pass
+# collects dW, dU, db in one matrix product over all steps, autodiff step by step), so they cannot agree to
+# the last bit.
+#
+# **Finite differences**, independent of both: along a few random directions v in the space of all inputs
+# (params, xs, state0), the central difference (L(θ + εv) − L(θ − εv)) / 2ε of L = ⟨cotangent, outputs⟩ against
+# the directional derivative ⟨∇L, v⟩ from the manual gradient, in float64, for unit vectors v and ε = 1e-4.
+
+# %%
+p, xs, s0 = problem(F64)
+theta = (p, xs, s0)
+ct_keys = jax.random.split(jax.random.PRNGKey(7), 3)
+ct = (
+    jax.random.normal(ct_keys[0], (T, B, H), F64),
+    LSTMState(*(jax.random.normal(k, (B, H), F64) for k in ct_keys[1:])),
+)
+
+
+@jax.jit
+def scalar_loss(theta):
+    """L(θ) = ⟨ct, lstm(θ)⟩ over hs and the final state."""
+    out = jl.lstm(*theta)
+    return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ct), strict=True))
+
+
+grad_theta = jax.jit(jax.grad(scalar_loss))(theta)
+along = lambda theta, v, s: jax.tree.map(lambda a, b: a + s * b, theta, v)  # θ + s v
+leaves, treedef = jax.tree.flatten(theta)
+eps = 1e-4
+for n in range(3):
+    dkeys = jax.random.split(jax.random.PRNGKey(100 + n), len(leaves))
+    v_leaves = [jax.random.normal(k, a.shape, F64) for k, a in zip(dkeys, leaves, strict=True)]
+    norm = jnp.sqrt(sum(jnp.sum(a**2) for a in v_leaves))
+    v = jax.tree.unflatten(treedef, [a / norm for a in v_leaves])  # a random unit direction
+    fd = (scalar_loss(along(theta, v, eps)) - scalar_loss(along(theta, v, -eps))) / (2 * eps)
+    exact = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(grad_theta), jax.tree.leaves(v), strict=True))
+    rel = abs(float(fd - exact)) / abs(float(exact))
+    print(f"direction {n}: finite difference {float(fd):+.12f}  manual {float(exact):+.12f}  rel error {rel:.1e}")
+    assert rel < 1e-6
+
+# %% [markdown]
+# Agreement to 1e-9 or better, which is about what central differences resolve in float64: the truncation
+# error grows like ε² and the rounding error like 1e-16 · (size of the terms of L) / ε; ε = 1e-4 balances
+# the two for this problem.
+
+# %% [markdown]
+# ## 4. What BPTT does over time
+#
+# Going from step t+1 back to step t, the backward pass carries two errors: δ2 = dL/dh_t (the δ25 of step t+1)
+# and δ4 = dL/dc_t through c_{t+1} (the δ11 of step t+1). To watch them, put a loss on the last hidden state
+# only, L = ⟨w, h_{T-1}⟩, and take the gradient with respect to zero perturbations added to h_t and c_t after
+# each step t of a `lax.scan` over `lstm_cell` (the scan of `lstm_ref`). The gradient at the h perturbation is
+# dL/dh_t (δ3 of step t); the one at the c perturbation, added after h_t is computed, is δ4 of step t.
+#
+# The forget gate decides: δ11 = δ8 · f_t, so every step back multiplies the cell error by f_t (plus what comes
+# through the gates and W). With a negative forget bias (f ≈ 0.1) the error dies out within a few steps; with a
+# large one (f ≈ 0.95) it is carried a long way and can even grow.
+
+# %%
+T4, B4, D4, H4 = (30, 4, 4, 8) if FAST else (80, 8, 4, 16)
+k4 = jax.random.split(jax.random.PRNGKey(3), 3)
+xs4 = jax.random.normal(k4[1], (T4, B4, D4), F64)
+w4 = jax.random.normal(k4[2], (B4, H4), F64)
+
+
+def loss_with_probes(params, eh, ec):
+    """⟨w, h_{T-1}⟩ when eh[t], ec[t] (T, B, H) are added to h_t, c_t after step t."""
+
+    def step(state, inp):
+        x_t, e_h, e_c = inp
+        new, _ = jl.lstm_cell(params, state, x_t)
+        new = LSTMState(new.h + e_h, new.c + e_c)
+        return new, None
+
+    final, _ = jax.lax.scan(step, jl.zeros_state(B4, H4, F64), (xs4, eh, ec))
+    return jnp.vdot(w4, final.h)
+
+
+@jax.jit
+def error_norms(params):
+    """||dL/dh_t|| and ||dL/dc_t|| for t = 0..T-1 (Frobenius norm over batch and units)."""
+    zero = jnp.zeros((T4, B4, H4), F64)
+    dh, dc = jax.grad(loss_with_probes, argnums=(1, 2))(params, zero, zero)
+    return jnp.linalg.norm(dh.reshape(T4, -1), axis=1), jnp.linalg.norm(dc.reshape(T4, -1), axis=1)
+
+
+biases = (-2.0, 3.0)
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+for fb, color in zip(biases, ("tab:red", "tab:blue"), strict=True):
+    p4 = jl.init_params(k4[0], D4, H4, forget_bias=fb, dtype=F64)
+    nh, nc = error_norms(p4)
+    mean_f = float(jl.lstm_trace(p4, xs4).f.mean())
+    for ax, n in zip(axes[:2], (nh, nc), strict=True):
+        n = np.where(np.asarray(n) > 0, np.asarray(n), np.nan)  # dL/dc_(T-1) via c_T is 0: nothing comes after
+        ax.semilogy(np.arange(T4), n, color=color, label=f"forget_bias = {fb:+.0f} (mean f = {mean_f:.2f})")
+        ax.set_xlabel("t")
+    print(
+        f"forget_bias {fb:+.0f}: ||dL/dh_t|| at t = T-1, T-10, 0: "
+        f"{float(nh[-1]):.2e}, {float(nh[-10]):.2e}, {float(nh[0]):.2e}"
+    )
+axes[2].plot(np.arange(T4), np.asarray(nh), color=color, label="||dL/dh_t||")
+axes[2].plot(np.arange(T4 - 1), np.asarray(nc[:-1]), color=color, ls="--", label="||dL/dc_t||")
+axes[2].set_xlabel("t")
+axes[0].set_title("||dL/dh_t||  (δ3 of step t), log scale", fontsize=10)
+axes[1].set_title("||dL/dc_t|| through c_(t+1)  (δ4 of step t)", fontsize=10)
+axes[2].set_title(f"forget_bias = {biases[-1]:+.0f}, linear scale", fontsize=10)
+axes[0].legend(fontsize=8)
+axes[2].legend(fontsize=8)
+for ax in axes:
+    ax.grid(alpha=0.3)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# With forget bias −2 the error falls by many orders of magnitude within the sequence: the loss at the end
+# cannot teach the early steps anything (vanishing gradient). With forget bias +3 the cell state carries the
+# error back nearly undamped and, through the recurrent weights, it grows on the way (right panel: an
+# exploding gradient, mild here). This is why `init_params` defaults to a positive forget bias, and why training loops clip
+# gradient norms.
+
+# %% [markdown]
+# ## 5. Speed and memory of a train step
+#
+# A train step's gradient, `jax.value_and_grad` of a mean-squared loss on all outputs, with the manual BPTT
+# (`lstm`) and with autodiff (`lstm_ref`), float32, jit-compiled. Time is the median of several calls after a
+# warm-up call, the two versions called in turn; memory is the compiled temporary buffer size from XLA's `memory_analysis()`. The machine may be
+# shared with other work, so timings are indicative; `jax-lstm bench` is the thorough harness.
+
+# %%
+shapes = [(20, 4, 8, 16)] if FAST else [(100, 32, 64, 128), (200, 16, 32, 64)]
+repeats = 3 if FAST else 15
+
+
+def train_grad(fn):
+    """value_and_grad of the MSE between fn's hs and a target, w.r.t. the params."""
+    return jax.jit(jax.value_and_grad(lambda p, xs, ys: jnp.mean((fn(p, xs)[0] - ys) ** 2)))
+
+
+def interleaved_medians(fns, args, repeats: int) -> list[float]:
+    """Median seconds of each fn(*args) after one warm-up call; calls alternate, so all see the same load."""
+    for fn in fns:
+        jax.block_until_ready(fn(*args))
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            ts.append(time.perf_counter() - t0)
+    return [float(np.median(ts)) for ts in times]
+
+
+results = {}
+for T5, B5, D5, H5 in shapes:
+    k5 = jax.random.split(jax.random.PRNGKey(5), 3)
+    p5 = jl.init_params(k5[0], D5, H5, dtype=F32)
+    xs5 = jax.random.normal(k5[1], (T5, B5, D5), F32)
+    ys5 = jax.random.normal(k5[2], (T5, B5, H5), F32)
+    compiled = {}
+    for label, fn in (("manual (lstm)", jl.lstm), ("autodiff (lstm_ref)", jl.lstm_ref)):
+        t0 = time.perf_counter()
+        compiled[label] = train_grad(fn).lower(p5, xs5, ys5).compile()
+        compile_s = time.perf_counter() - t0
+        results[(T5, B5, D5, H5), label] = [compiled[label].memory_analysis().temp_size_in_bytes, compile_s]
+    medians = interleaved_medians(list(compiled.values()), (p5, xs5, ys5), repeats)
+    for label, t in zip(compiled, medians, strict=True):
+        results[(T5, B5, D5, H5), label].insert(0, t)
+
+rows = []
+for shape in shapes:
+    t_m, m_m, _ = results[shape, "manual (lstm)"]
+    t_a, m_a, _ = results[shape, "autodiff (lstm_ref)"]
+    for label in ("manual (lstm)", "autodiff (lstm_ref)"):
+        t, m, comp = results[shape, label]
+        rows.append([str(shape), label, f"{1e3 * t:.2f}", f"{m / 2**20:.2f}", f"{comp:.2f}"])
+    rows.append([str(shape), "**autodiff / manual**", f"**{t_a / t_m:.2f}×**", f"**{m_a / m_m:.2f}×**", ""])
+display(md_table(["(T, B, D, H)", "gradient", "time (ms)", "temp memory (MiB)", "compile (s)"], rows))
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+xpos = np.arange(len(shapes))
+for k, (label, color) in enumerate((("manual (lstm)", "tab:green"), ("autodiff (lstm_ref)", "tab:gray"))):
+    axes[0].bar(xpos + 0.4 * k, [1e3 * results[s, label][0] for s in shapes], 0.4, label=label, color=color)
+    axes[1].bar(xpos + 0.4 * k, [results[s, label][1] / 2**20 for s in shapes], 0.4, label=label, color=color)
+for ax, title in zip(axes, ("train-step gradient, median time (ms)", "compiled temporary memory (MiB)"), strict=True):
+    ax.set_xticks(xpos + 0.2, [f"T={s[0]} B={s[1]}\nD={s[2]} H={s[3]}" for s in shapes], fontsize=8)
+    ax.set_title(title, fontsize=10)
+axes[0].legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## 6. Training with both gradients
+#
+# A toy sequence task: the target at step t is the first input feature three steps earlier,
+# y_t = x_{t-3}[0] (zero for t < 3), read out from h_t by a linear head. The same model is trained with Adam
+# for 30 steps in float64, once with `lstm` and once with `lstm_ref`; only the gradient differs.
+
+# %%
+T6, B6, D6, H6 = (16, 8, 2, 8) if FAST else (24, 32, 2, 16)
+DELAY, STEPS = 3, 30
+k6 = jax.random.split(jax.random.PRNGKey(6), 3)
+xs6 = jax.random.normal(k6[1], (T6, B6, D6), F64)
+ys6 = jnp.concatenate([jnp.zeros((DELAY, B6), F64), xs6[:-DELAY, :, 0]], axis=0)  # (T, B)
+model0 = {
+    "lstm": jl.init_params(k6[0], D6, H6, dtype=F64),
+    "head": (0.1 * jax.random.normal(k6[2], (H6,), F64), jnp.zeros((), F64)),
+}
+opt = optax.adam(3e-2)
+
+
+def make_step(fn):
+    def loss(model):
+        hs, _ = fn(model["lstm"], xs6)
+        v, c0 = model["head"]
+        return jnp.mean((hs @ v + c0 - ys6) ** 2)
+
+    @jax.jit
+    def step(model, opt_state):
+        value, grads = jax.value_and_grad(loss)(model)
+        updates, opt_state = opt.update(grads, opt_state, model)
+        return optax.apply_updates(model, updates), opt_state, value
+
+    return step
+
+
+curves, finals = {}, {}
+for label, fn in (("manual (lstm)", jl.lstm), ("autodiff (lstm_ref)", jl.lstm_ref)):
+    step, model, opt_state, losses = make_step(fn), model0, opt.init(model0), []
+    for _ in range(STEPS):
+        model, opt_state, value = step(model, opt_state)
+        losses.append(float(value))
+    curves[label], finals[label] = np.array(losses), model
+
+diff = np.abs(curves["manual (lstm)"] - curves["autodiff (lstm_ref)"])
+param_diff = max(
+    max_abs(a, b)
+    for a, b in zip(
+        jax.tree.leaves(finals["manual (lstm)"]), jax.tree.leaves(finals["autodiff (lstm_ref)"]), strict=True
+    )
+)
+print(f"loss: {curves['manual (lstm)'][0]:.4f} -> {curves['manual (lstm)'][-1]:.4f} in {STEPS} steps")
+print(
+    f"max |loss difference| over {STEPS} steps: {diff.max():.1e}; max |parameter difference| at the end: {param_diff:.1e}"
+)
+assert diff.max() < 1e-10
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+axes[0].plot(curves["manual (lstm)"], "-", color="tab:green", lw=3, alpha=0.6, label="manual (lstm)")
+axes[0].plot(curves["autodiff (lstm_ref)"], "--", color="k", lw=1, label="autodiff (lstm_ref)")
+axes[0].set_xlabel("step")
+axes[0].set_title("training loss (float64)", fontsize=10)
+axes[0].legend(fontsize=8)
+axes[1].plot(diff / np.finfo(np.float64).eps, "o", ms=4)
+axes[1].set_xlabel("step")
+axes[1].set_title("|loss(manual) − loss(autodiff)|, in units of float64 eps", fontsize=10)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The two curves lie on top of each other: the difference stays at the level of float64 rounding, which Adam
+# carries forward without amplifying it noticeably over 30 steps. The manual BPTT is a drop-in replacement
+# for autodiff in training.
