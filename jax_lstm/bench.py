@@ -1,0 +1,604 @@
+"""``jax-lstm bench``: the hand-written BPTT against autodiff, Flax and PyTorch.
+
+For each shape (T, B, D, H) it times, in one interleaved run (round-robin over
+the implementations at every repetition, medians after warm-up):
+
+* ``lstm`` (hand-written BPTT, "manual") and ``lstm_ref`` (``jax.grad`` of a
+  ``lax.scan``, "autodiff"), each at every ``unroll`` asked for; the table
+  reports each at its best unroll;
+* Flax ``nn.RNN(nn.OptimizedLSTMCell)`` if flax is importable;
+* ``torch.nn.LSTM`` if torch is importable;
+
+forward only and forward plus backward (a train step: gradients of
+``sum(hs * w) + sum(h_T * w2) + sum(c_T * w3)``, fixed random ``w``s, with
+respect to the parameters and ``xs``). For the JAX implementations it also
+reports the compile time and the compiled temporary memory
+(``memory_analysis().temp_size_in_bytes``) of the gradient function, and for
+all of them the achieved GFLOP/s counting matmul flops only (forward
+``2 T B (D + H) 4H``, backward twice that) and its fraction of this machine's
+matmul peak, measured in the same run with a 4096^2 float32 ``jnp.dot``.
+
+Output: a table on stdout with the ratios the performance targets are stated
+in, ``--json FILE`` and ``--plot FILE`` (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_lstm.bptt import lstm
+from jax_lstm.cell import LSTMParams, init_params
+from jax_lstm.reference import lstm_ref
+
+__all__ = [
+    "DEFAULT_SHAPES",
+    "MEMORY_SHAPE",
+    "PEAK_SHAPE",
+    "Variant",
+    "jax_variant",
+    "flax_variant",
+    "torch_variant",
+    "matmul_flops",
+    "measure_peak",
+    "temp_bytes",
+    "bench_shape",
+    "summarize",
+    "plot",
+    "main",
+]
+
+Shape = tuple[int, int, int, int]
+
+DEFAULT_SHAPES: tuple[Shape, ...] = ((100, 32, 64, 128), (50, 64, 256, 512), (200, 16, 32, 64), (1000, 8, 16, 32))
+MEMORY_SHAPE: Shape = (200, 32, 128, 256)  # temp-memory target: manual <= 0.75x autodiff
+PEAK_SHAPE: Shape = (50, 64, 256, 512)  # matmul-peak target: manual >= 80% of peak
+QUICK_SHAPES: tuple[Shape, ...] = ((6, 3, 5, 8),)
+QUICK_MEMORY_SHAPE: Shape = (8, 4, 6, 8)
+
+TARGETS = {
+    "speedup_vs_autodiff": 2.0,  # geo-mean of t_autodiff / t_manual, at least
+    "time_ratio_vs_torch": 1.0,  # geo-mean of t_manual / t_torch, at most
+    "peak_fraction": 0.80,  # manual train step at PEAK_SHAPE, at least
+    "memory_ratio": 0.75,  # manual / autodiff temp bytes at MEMORY_SHAPE, at most
+    "compile_ratio": 1.0,  # geo-mean of manual / autodiff compile seconds, at most
+}
+
+
+@dataclasses.dataclass
+class Variant:
+    """One implementation at one setting, ready to time.
+
+    ``fwd`` and ``train`` run one forward / train step and block until done.
+    """
+
+    impl: str  # "manual", "autodiff", "flax", "torch" or a name of one's own
+    unroll: int | None
+    fwd: Callable[[], Any]
+    train: Callable[[], Any]
+    compile_s: float | None = None  # lower + compile of the train step
+    temp_bytes: int | None = None  # compiled temporary memory of the train step
+
+    @property
+    def name(self) -> str:
+        return self.impl if self.unroll is None else f"{self.impl}@u{self.unroll}"
+
+
+def matmul_flops(shape: Shape) -> tuple[float, float]:
+    """Matmul flops of (forward, forward + backward) of one layer over (T, B, D, H)."""
+    T, B, D, H = shape
+    fwd = 2.0 * T * B * (D + H) * 4 * H
+    return fwd, 3.0 * fwd
+
+
+def _problem(shape: Shape, seed: int = 0):
+    """float32 params, xs and the three fixed loss weights, as numpy arrays."""
+    T, B, D, H = shape
+    rng = np.random.default_rng(seed)
+    p = init_params(jax.random.PRNGKey(seed), D, H, dtype=jnp.float32)
+    p = LSTMParams(*(np.asarray(a) for a in p))
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    xs = f32(T, B, D)
+    return p, xs, (f32(T, B, H), f32(B, H), f32(B, H))
+
+
+def _block(x):
+    return jax.block_until_ready(x)
+
+
+def temp_bytes(compiled) -> int | None:
+    """``temp_size_in_bytes`` of a compiled executable's memory analysis, or None."""
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - backends without memory analysis
+        return None
+
+
+def jax_variant(fn: Callable, shape: Shape, unroll: int, impl: str, seed: int = 0) -> Variant:
+    """A variant for any function with ``lstm``'s signature (``lstm``, ``lstm_ref``, ...).
+
+    The train step is ``jax.jit(jax.grad(loss, argnums=(0, 1)))``: gradients
+    for the params and xs.
+    """
+    p, xs, ws = _problem(shape, seed)
+    p, xs, ws = jax.device_put((p, xs, ws))
+
+    def loss(p_, xs_, w, w2, w3):
+        hs, (h, c) = fn(p_, xs_, unroll=unroll)
+        return jnp.sum(hs * w) + jnp.sum(h * w2) + jnp.sum(c * w3)
+
+    t0 = time.perf_counter()
+    train = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(p, xs, *ws).compile()
+    compile_s = time.perf_counter() - t0
+    fwd = jax.jit(lambda p_, xs_: fn(p_, xs_, unroll=unroll)).lower(p, xs).compile()
+    return Variant(
+        impl,
+        unroll,
+        fwd=lambda: _block(fwd(p, xs)),
+        train=lambda: _block(train(p, xs, *ws)),
+        compile_s=compile_s,
+        temp_bytes=temp_bytes(train),
+    )
+
+
+def flax_variant(shape: Shape, seed: int = 0) -> Variant | None:
+    """``flax.linen.RNN(OptimizedLSTMCell)``, time-major, or None if flax is not importable."""
+    try:
+        import flax.linen as nn
+    except Exception:  # noqa: BLE001 - optional
+        return None
+    T, B, D, H = shape
+    _, xs, ws = _problem(shape, seed)
+    model = nn.RNN(nn.OptimizedLSTMCell(H), time_major=True, return_carry=True)
+    xs, ws = jax.device_put((xs, ws))
+    variables = model.init(jax.random.PRNGKey(seed), xs)
+
+    def loss(v, xs_, w, w2, w3):
+        (c, h), hs = model.apply(v, xs_)
+        return jnp.sum(hs * w) + jnp.sum(h * w2) + jnp.sum(c * w3)
+
+    t0 = time.perf_counter()
+    train = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables, xs, *ws).compile()
+    compile_s = time.perf_counter() - t0
+    fwd = jax.jit(model.apply).lower(variables, xs).compile()
+    return Variant(
+        "flax",
+        None,
+        fwd=lambda: _block(fwd(variables, xs)),
+        train=lambda: _block(train(variables, xs, *ws)),
+        compile_s=compile_s,
+        temp_bytes=temp_bytes(train),
+    )
+
+
+def torch_variant(shape: Shape, seed: int = 0) -> Variant | None:
+    """``torch.nn.LSTM`` on the CPU (oneDNN), float32, or None if torch is not importable."""
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - optional
+        return None
+    T, B, D, H = shape
+    _, xs, ws = _problem(shape, seed)
+    torch.manual_seed(seed)
+    model = torch.nn.LSTM(D, H)
+    x = torch.from_numpy(xs).requires_grad_(True)
+    w, w2, w3 = (torch.from_numpy(a) for a in ws)
+    leaves = [x, *model.parameters()]
+
+    def train():
+        hs, (h, c) = model(x)
+        loss = (hs * w).sum() + (h[0] * w2).sum() + (c[0] * w3).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    def fwd():
+        with torch.inference_mode():
+            return model(x)
+
+    return Variant("torch", None, fwd=fwd, train=train)
+
+
+def _time(f: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def measure_peak(n: int = 4096, reps: int = 5) -> float:
+    """Median GFLOP/s of a jitted float32 ``jnp.dot`` of two (n, n) matrices."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(k1, (n, n), jnp.float32)
+    b = jax.random.normal(k2, (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot).lower(a, b).compile()
+    _block(dot(a, b))
+    times = [_time(lambda: _block(dot(a, b))) for _ in range(reps)]
+    return 2.0 * n**3 / statistics.median(times) / 1e9
+
+
+def bench_shape(
+    shape: Shape,
+    variants: Sequence[Variant],
+    *,
+    warmup: int = 2,
+    reps: int | None = None,
+    seconds: float = 40.0,
+    min_reps: int = 5,
+    max_reps: int = 50,
+) -> list[dict]:
+    """Time every variant, interleaved, and return one record per variant.
+
+    Each repetition runs every variant's forward and then every variant's
+    train step, in an order rotated by one at each repetition. ``reps`` (or,
+    if None, as many as fit in ``seconds``, within [min_reps, max_reps])
+    repetitions follow ``warmup`` untimed ones.
+    """
+    fwd_t: dict[str, list[float]] = {v.name: [] for v in variants}
+    train_t: dict[str, list[float]] = {v.name: [] for v in variants}
+    t_round = 0.0
+    for _ in range(max(warmup, 1)):
+        t0 = time.perf_counter()
+        for v in variants:
+            v.fwd()
+            v.train()
+        t_round = time.perf_counter() - t0
+    if reps is None:
+        reps = int(min(max_reps, max(min_reps, seconds // max(t_round, 1e-9))))
+    n = len(variants)
+    for r in range(reps):
+        order = [variants[(k + r) % n] for k in range(n)]
+        for v in order:
+            fwd_t[v.name].append(_time(v.fwd))
+        for v in order:
+            train_t[v.name].append(_time(v.train))
+    f_fwd, f_train = matmul_flops(shape)
+    out = []
+    for v in variants:
+        tf, tt = statistics.median(fwd_t[v.name]), statistics.median(train_t[v.name])
+        out.append(
+            dict(
+                impl=v.impl,
+                unroll=v.unroll,
+                fwd_ms=1e3 * tf,
+                train_ms=1e3 * tt,
+                fwd_gflops=f_fwd / tf / 1e9,
+                train_gflops=f_train / tt / 1e9,
+                compile_s=v.compile_s,
+                temp_bytes=v.temp_bytes,
+                reps=reps,
+            )
+        )
+    return out
+
+
+def _best(records: list[dict], impl: str) -> dict | None:
+    """The record of ``impl`` with the fastest train step (its best unroll)."""
+    rs = [r for r in records if r["impl"] == impl]
+    return min(rs, key=lambda r: r["train_ms"]) if rs else None
+
+
+def _geomean(xs: Sequence[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def summarize(results: list[dict], peak_gflops: float, memory: dict | None) -> dict:
+    """Per-shape ratios, their geometric means and the status of every target."""
+    per_shape = []
+    for res in results:
+        m, a, t = (_best(res["records"], k) for k in ("manual", "autodiff", "torch"))
+        row: dict[str, Any] = dict(shape=res["shape"])
+        if m is not None:
+            row.update(manual_unroll=m["unroll"], peak_fraction=m["train_gflops"] / peak_gflops)
+        if m is not None and a is not None:
+            row.update(
+                autodiff_unroll=a["unroll"],
+                speedup_vs_autodiff=a["train_ms"] / m["train_ms"],
+                fwd_speedup_vs_autodiff=a["fwd_ms"] / m["fwd_ms"],
+                compile_ratio=m["compile_s"] / a["compile_s"],
+                memory_ratio=(m["temp_bytes"] / a["temp_bytes"]) if m["temp_bytes"] and a["temp_bytes"] else None,
+            )
+        if m is not None and t is not None:
+            row.update(
+                time_ratio_vs_torch=m["train_ms"] / t["train_ms"], fwd_time_ratio_vs_torch=m["fwd_ms"] / t["fwd_ms"]
+            )
+        per_shape.append(row)
+
+    def gm(key):
+        return _geomean([r.get(key) for r in per_shape])
+
+    summary: dict[str, Any] = dict(
+        per_shape=per_shape,
+        geomean=dict(
+            speedup_vs_autodiff=gm("speedup_vs_autodiff"),
+            fwd_speedup_vs_autodiff=gm("fwd_speedup_vs_autodiff"),
+            time_ratio_vs_torch=gm("time_ratio_vs_torch"),
+            fwd_time_ratio_vs_torch=gm("fwd_time_ratio_vs_torch"),
+            compile_ratio=gm("compile_ratio"),
+        ),
+    )
+    peak_row = next((r for r in per_shape if tuple(r["shape"]) == PEAK_SHAPE), None)
+    g = summary["geomean"]
+    values = dict(
+        speedup_vs_autodiff=g["speedup_vs_autodiff"],
+        time_ratio_vs_torch=g["time_ratio_vs_torch"],
+        peak_fraction=peak_row.get("peak_fraction") if peak_row else None,
+        memory_ratio=memory.get("ratio") if memory else None,
+        compile_ratio=g["compile_ratio"],
+    )
+    at_least = {"speedup_vs_autodiff", "peak_fraction"}
+    summary["targets"] = {
+        k: dict(
+            value=v,
+            target=TARGETS[k],
+            direction=">=" if k in at_least else "<=",
+            met=None if v is None else (v >= TARGETS[k] if k in at_least else v <= TARGETS[k]),
+        )
+        for k, v in values.items()
+    }
+    return summary
+
+
+def memory_compare(shape: Shape, unroll: int = 1) -> dict:
+    """Compiled temporary memory of the train step, manual vs autodiff, at ``shape``."""
+    out: dict[str, Any] = dict(shape=list(shape), unroll=unroll)
+    for impl, fn in (("manual", lstm), ("autodiff", lstm_ref)):
+        v = jax_variant(fn, shape, unroll, impl)
+        out[f"{impl}_bytes"] = v.temp_bytes
+        out[f"{impl}_compile_s"] = v.compile_s
+    T, B, _, H = shape
+    out["gates_and_c_bytes"] = 5 * T * B * H * 4  # the strict need of a fused backward, float32
+    if out["manual_bytes"] and out["autodiff_bytes"]:
+        out["ratio"] = out["manual_bytes"] / out["autodiff_bytes"]
+    return out
+
+
+def _fmt(x, spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def render_table(report: dict) -> str:
+    """The stdout table: one line per implementation and shape, then ratios and targets."""
+    peak = report["peak_gflops"]
+    lines = [
+        f"matmul peak (jnp.dot {report['peak_n']}^2 float32): {peak:.1f} GFLOP/s"
+        + (" (given by --peak)" if report.get("peak_given") else ""),
+        "",
+        f"{'T,B,D,H':<18} {'impl':<10} {'unroll':>6} {'fwd ms':>9} {'train ms':>9} {'GFLOP/s':>8} "
+        f"{'%peak':>6} {'compile s':>9} {'temp MiB':>9}",
+    ]
+    for res in report["results"]:
+        shape = ",".join(map(str, res["shape"]))
+        best = {r["impl"]: r for r in (_best(res["records"], k) for k in {x["impl"] for x in res["records"]}) if r}
+        for r in res["records"]:
+            mark = "*" if best.get(r["impl"]) is r and r["unroll"] is not None else " "
+            lines.append(
+                f"{shape:<18} {r['impl']:<10} {_fmt(r['unroll'], 'd'):>5}{mark} {r['fwd_ms']:9.2f} "
+                f"{r['train_ms']:9.2f} {r['train_gflops']:8.1f} {100 * r['train_gflops'] / peak:5.1f}% "
+                f"{_fmt(r['compile_s'], '9.2f'):>9} {_fmt(r['temp_bytes'] and r['temp_bytes'] / 2**20, '9.2f'):>9}"
+            )
+        lines.append("")
+    lines.append("* = best unroll (fastest train step), used in the ratios below")
+    lines.append("")
+    s = report["summary"]
+    lines.append(
+        f"{'T,B,D,H':<18} {'train: autodiff/manual':>23} {'manual/torch':>13} {'fwd: autodiff/manual':>21} "
+        f"{'manual/torch':>13} {'compile m/a':>12} {'temp m/a':>9}"
+    )
+    for r in s["per_shape"]:
+        lines.append(
+            f"{','.join(map(str, r['shape'])):<18} {_fmt(r.get('speedup_vs_autodiff'), '23.2f'):>23} "
+            f"{_fmt(r.get('time_ratio_vs_torch'), '13.2f'):>13} {_fmt(r.get('fwd_speedup_vs_autodiff'), '21.2f'):>21} "
+            f"{_fmt(r.get('fwd_time_ratio_vs_torch'), '13.2f'):>13} {_fmt(r.get('compile_ratio'), '12.2f'):>12} "
+            f"{_fmt(r.get('memory_ratio'), '9.2f'):>9}"
+        )
+    g = s["geomean"]
+    lines.append(
+        f"{'geometric mean':<18} {_fmt(g['speedup_vs_autodiff'], '23.2f'):>23} "
+        f"{_fmt(g['time_ratio_vs_torch'], '13.2f'):>13} {_fmt(g['fwd_speedup_vs_autodiff'], '21.2f'):>21} "
+        f"{_fmt(g['fwd_time_ratio_vs_torch'], '13.2f'):>13} {_fmt(g['compile_ratio'], '12.2f'):>12}"
+    )
+    mem = report.get("memory")
+    if mem:
+        lines += [
+            "",
+            f"temp memory of the train step at {tuple(mem['shape'])}, unroll {mem['unroll']}: "
+            f"manual {_fmt(mem['manual_bytes'] and mem['manual_bytes'] / 2**20, '.2f')} MiB, "
+            f"autodiff {_fmt(mem['autodiff_bytes'] and mem['autodiff_bytes'] / 2**20, '.2f')} MiB, "
+            f"ratio {_fmt(mem.get('ratio'), '.2f')} (gates + c, 5*T*B*H float32: "
+            f"{mem['gates_and_c_bytes'] / 2**20:.2f} MiB)",
+        ]
+    lines += ["", "targets (float32 train step):"]
+    names = {
+        "speedup_vs_autodiff": "manual speed-up over best autodiff, geo-mean",
+        "time_ratio_vs_torch": "manual / torch.nn.LSTM time, geo-mean",
+        "peak_fraction": f"manual fraction of matmul peak at {PEAK_SHAPE}",
+        "memory_ratio": f"manual / autodiff temp memory at {tuple(mem['shape']) if mem else MEMORY_SHAPE}",
+        "compile_ratio": "manual / autodiff compile time, geo-mean",
+    }
+    for k, t in s["targets"].items():
+        status = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        lines.append(f"  {names[k]:<58} {_fmt(t['value'], '6.2f'):>6} {t['direction']} {t['target']:<5} {status}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    """A PNG: train-step and forward time per shape and implementation, and temp memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    impls = [
+        k for k in ("manual", "autodiff", "flax", "torch") if any(r["impl"] == k for x in results for r in x["records"])
+    ]
+    impls += sorted({r["impl"] for x in results for r in x["records"]} - set(impls))
+    colors = {"manual": "tab:blue", "autodiff": "tab:orange", "flax": "tab:green", "torch": "tab:red"}
+    labels = [",".join(map(str, x["shape"])) for x in results]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    width = 0.8 / max(len(impls), 1)
+    xs = np.arange(len(results))
+    for ax, key, title in ((axes[0], "train_ms", "train step (fwd + bwd)"), (axes[1], "fwd_ms", "forward only")):
+        for j, impl in enumerate(impls):
+            vals = [(_best(x["records"], impl) or {}).get(key, np.nan) for x in results]
+            ax.bar(xs + (j - (len(impls) - 1) / 2) * width, vals, width, label=impl, color=colors.get(impl))
+        ax.set_yscale("log")
+        ax.set_xticks(xs, labels, rotation=15)
+        ax.set_ylabel("ms (median, log scale)")
+        ax.set_title(f"{title}, float32; T,B,D,H")
+        ax.grid(axis="y", alpha=0.3, which="both")
+    axes[0].legend()
+    ax = axes[2]
+    mem_impls = [k for k in impls if k not in ("torch",)]
+    for j, impl in enumerate(mem_impls):
+        vals = [((_best(x["records"], impl) or {}).get("temp_bytes") or np.nan) / 2**20 for x in results]
+        ax.bar(
+            xs + (j - (len(mem_impls) - 1) / 2) * 0.8 / len(mem_impls),
+            vals,
+            0.8 / len(mem_impls),
+            label=impl,
+            color=colors.get(impl),
+        )
+    ax.set_yscale("log")
+    ax.set_xticks(xs, labels, rotation=15)
+    ax.set_ylabel("MiB (log scale)")
+    ax.set_title("compiled temp memory of the train step")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.legend()
+    g = report["summary"]["geomean"]
+    fig.suptitle(
+        f"jax_lstm on {report['machine']['cpu_count']} CPU cores, peak {report['peak_gflops']:.0f} GFLOP/s; "
+        f"geo-mean train speed-up manual vs autodiff {_fmt(g['speedup_vs_autodiff'], '.2f')}x, "
+        f"manual/torch time {_fmt(g['time_ratio_vs_torch'], '.2f')}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _shape(s: str) -> Shape:
+    try:
+        t = tuple(int(v) for v in s.split(","))
+    except ValueError:
+        t = ()
+    if len(t) != 4 or min(t) < 1:
+        raise argparse.ArgumentTypeError(f"expected T,B,D,H (four positive ints), got {s!r}")
+    return t  # type: ignore[return-value]
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        v = [int(x) for x in s.split(",")]
+    except ValueError:
+        v = []
+    if not v or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of positive ints, got {s!r}")
+    return v
+
+
+def _machine() -> dict:
+    return dict(
+        platform=platform.platform(),
+        processor=platform.processor(),
+        cpu_count=os.cpu_count(),
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        devices=[str(d) for d in jax.devices()],
+        python=platform.python_version(),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``jax-lstm bench``."""
+    ap = argparse.ArgumentParser(prog="jax-lstm bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--shape",
+        type=_shape,
+        action="append",
+        metavar="T,B,D,H",
+        help="an extra shape (repeatable); with --only-shapes, the only ones",
+    )
+    ap.add_argument("--only-shapes", action="store_true", help="time only the --shape shapes, not the default four")
+    ap.add_argument("--quick", action="store_true", help="a tiny smoke run: one small shape, few repetitions")
+    ap.add_argument("--unroll", type=_ints, default=None, help="unrolls to try for manual and autodiff (default 1,2,4)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per shape (default: fit --seconds)")
+    ap.add_argument("--seconds", type=float, default=40.0, help="time budget per shape when --reps is not given")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed repetitions before timing")
+    ap.add_argument("--peak", type=float, default=None, help="matmul peak in GFLOP/s instead of measuring it")
+    ap.add_argument("--no-flax", action="store_true", help="leave Flax out")
+    ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    ap.add_argument("--no-memory", action="store_true", help=f"skip the temp-memory comparison at {MEMORY_SHAPE}")
+    ap.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    ap.add_argument("--plot", metavar="FILE", help="write a PNG chart")
+    args = ap.parse_args(argv)
+
+    if args.quick:
+        shapes = list(args.shape or QUICK_SHAPES)
+        unrolls = args.unroll or [1, 2]
+        reps, warmup, mem_shape = args.reps or 3, 1, QUICK_MEMORY_SHAPE
+    else:
+        shapes = list(args.shape or []) if args.only_shapes else list(DEFAULT_SHAPES) + list(args.shape or [])
+        unrolls = args.unroll or [1, 2, 4]
+        reps, warmup, mem_shape = args.reps, args.warmup, MEMORY_SHAPE
+    if not shapes:
+        ap.error("no shapes: --only-shapes needs at least one --shape")
+
+    t_start = time.perf_counter()
+    peak_given = args.peak is not None
+    peak_n = 1024 if args.quick else 4096
+    peak = args.peak if peak_given else measure_peak(peak_n, 2 if args.quick else 5)
+    print(f"matmul peak: {peak:.1f} GFLOP/s", file=sys.stderr)
+
+    results = []
+    for shape in shapes:
+        variants: list[Variant] = []
+        for impl, fn in (("manual", lstm), ("autodiff", lstm_ref)):
+            variants += [jax_variant(fn, shape, u, impl) for u in unrolls]
+        if not args.no_flax:
+            v = flax_variant(shape)
+            variants += [v] if v else []
+        if not args.no_torch:
+            v = torch_variant(shape)
+            variants += [v] if v else []
+        records = bench_shape(shape, variants, warmup=warmup, reps=reps, seconds=args.seconds)
+        results.append(dict(shape=list(shape), records=records))
+        line = ", ".join(f"{r['impl']}@{r['unroll']} {r['train_ms']:.1f} ms" for r in records)
+        print(f"timed {shape}: {line}", file=sys.stderr)
+
+    memory = None if args.no_memory else memory_compare(mem_shape)
+    report = dict(
+        machine=_machine(),
+        command="jax-lstm bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        peak_gflops=peak,
+        peak_given=peak_given,
+        peak_n=peak_n,
+        unrolls=unrolls,
+        results=results,
+        memory=memory,
+    )
+    report["summary"] = summarize(results, peak, memory)
+    report["wall_s"] = time.perf_counter() - t_start
+    print(render_table(report))
+    print(f"\n(total {report['wall_s']:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

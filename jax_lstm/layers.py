@@ -1,0 +1,343 @@
+"""Deep and bidirectional LSTM stacks built from ``lstm`` (or ``lstm_ref``).
+
+Containers (plain tuples, so they are pytrees that optax, ``jax.grad`` and
+checkpointing handle as they are)::
+
+    StackParams = tuple[LayerParams, ...]        # one entry per layer, bottom first
+    LayerParams = tuple[LSTMParams, ...]         # (forward,) or (forward, reverse)
+    StackState  = tuple[LayerState, ...]         # same nesting as StackParams
+    LayerState  = tuple[LSTMState, ...]          # one LSTMState(h, c) per direction
+
+``params[l][0]`` is the forward direction of layer ``l``; in a bidirectional
+layer ``params[l][1]`` is the reverse direction. Layer ``l`` has input size
+``D_l`` (``D_0`` is the size of ``xs``) and hidden size ``H_l``; its output is
+``(T, B, H_l)``, or ``(T, B, 2 * H_l)`` when bidirectional (forward half
+first), and that is ``D_{l+1}``.
+
+A layer ``l`` computes, with ``m`` the dropout mask of the layer below::
+
+    x^0 = xs
+    fwd_l = lstm(params[l][0], x^l, states0[l][0], seq_lengths=seq_lengths)
+    rev_l = lstm(params[l][1], x^l, states0[l][1], seq_lengths=seq_lengths, reverse=True)
+    y^l = concat([fwd_l.hs, rev_l.hs], axis=-1)        # or fwd_l.hs alone
+    x^{l+1} = dropout(y^l)                               # not after the last layer
+
+``gate_trace_stack`` returns the f, i, g, o, c, h of every layer and direction
+(via ``lstm_trace``) for inspection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_lstm.bptt import lstm
+from jax_lstm.cell import LSTMParams, LSTMState, init_params
+from jax_lstm.reference import LSTMTrace, lstm_ref, lstm_trace
+
+__all__ = [
+    "LayerParams",
+    "LayerState",
+    "StackParams",
+    "StackState",
+    "init_stack",
+    "lstm_stack",
+    "gate_trace_stack",
+    "stack_sizes",
+]
+
+LayerParams = tuple[LSTMParams, ...]
+LayerState = tuple[LSTMState, ...]
+StackParams = tuple[LayerParams, ...]
+StackState = tuple[LayerState, ...]
+
+_IMPLS = {"manual": lstm, "ref": lstm_ref}
+_DIRECTIONS = ("forward", "reverse")
+
+
+def init_stack(
+    key: jax.Array,
+    input_size: int,
+    hidden_sizes: Sequence[int],
+    *,
+    bidirectional: bool = False,
+    forget_bias: float = 1.0,
+    dtype=jnp.float32,
+) -> StackParams:
+    """Initialise a stack of LSTM layers with ``init_params``.
+
+    Args:
+      key: PRNG key; split into one key per layer and direction.
+      input_size: D, the size of each input vector x_t.
+      hidden_sizes: H_l for each layer, bottom first; sizes may differ.
+      bidirectional: give every layer a reverse direction; the next layer's
+        input size is then 2 * H_l.
+      forget_bias: initial value of every forget-gate bias block.
+      dtype: dtype of all weights.
+
+    Returns:
+      ``StackParams``: a tuple with one entry per layer, each a tuple of one
+      ``LSTMParams`` (forward) or two (forward, reverse) with
+      W: (H_l, 4 H_l), U: (D_l, 4 H_l), b: (4 H_l,).
+    """
+    if isinstance(hidden_sizes, (int, np.integer)) or not isinstance(hidden_sizes, Sequence):
+        raise TypeError(f"hidden_sizes must be a sequence of ints, one per layer, got {hidden_sizes!r}")
+    if len(hidden_sizes) == 0:
+        raise ValueError("hidden_sizes must name at least one layer, got an empty sequence")
+    for l, h in enumerate(hidden_sizes):
+        if not isinstance(h, (int, np.integer)) or isinstance(h, bool) or h < 1:
+            raise ValueError(f"hidden_sizes[{l}] must be a positive int, got {h!r}")
+    if not isinstance(input_size, (int, np.integer)) or isinstance(input_size, bool) or input_size < 1:
+        raise ValueError(f"input_size must be a positive int, got {input_size!r}")
+    n_dir = 2 if bidirectional else 1
+    keys = jax.random.split(key, len(hidden_sizes) * n_dir).reshape(len(hidden_sizes), n_dir, -1)
+    layers, d = [], int(input_size)
+    for l, h in enumerate(hidden_sizes):
+        layers.append(
+            tuple(init_params(keys[l, k], d, int(h), forget_bias=forget_bias, dtype=dtype) for k in range(n_dir))
+        )
+        d = n_dir * int(h)
+    return tuple(layers)
+
+
+def stack_sizes(params) -> tuple[int, list[tuple[int, int, int]]]:
+    """Validate the structure of ``StackParams``.
+
+    Returns:
+      (D_0, [(D_l, H_l, directions_l) for each layer]). Raises ``TypeError`` /
+      ``ValueError`` naming the offending entry, e.g. ``params[1][0].U``, and
+      the shapes involved.
+    """
+    if isinstance(params, LSTMParams) or not isinstance(params, (tuple, list)) or len(params) == 0:
+        raise TypeError(
+            "params must be a non-empty tuple of layers, each a tuple of one (forward) or two "
+            f"(forward, reverse) LSTMParams, as init_stack returns; got {type(params).__name__}"
+        )
+    sizes, d_in = [], None
+    for l, layer in enumerate(params):
+        if isinstance(layer, LSTMParams) or not isinstance(layer, (tuple, list)) or len(layer) not in (1, 2):
+            raise TypeError(
+                f"params[{l}] must be a tuple of one (forward) or two (forward, reverse) LSTMParams, "
+                f"got {type(layer).__name__}" + (f" of length {len(layer)}" if isinstance(layer, tuple) else "")
+            )
+        shapes = []
+        for k, p in enumerate(layer):
+            name = f"params[{l}][{k}]"
+            if not (isinstance(p, tuple) and len(p) == 3):
+                raise TypeError(f"{name} must be LSTMParams(W, U, b), got {type(p).__name__}")
+            W, U, b = (getattr(a, "shape", None) for a in p)
+            W, U, b = (None if s is None else tuple(s) for s in (W, U, b))
+            if W is None or len(W) != 2 or W[1] != 4 * W[0]:
+                raise ValueError(f"{name}.W has shape {W}, expected (H, 4H)")
+            H = W[0]
+            if U is None or len(U) != 2 or U[1] != 4 * H:
+                raise ValueError(f"{name}.U has shape {U}, expected (D, {4 * H}) to match {name}.W {W}")
+            if b != (4 * H,):
+                raise ValueError(f"{name}.b has shape {b}, expected ({4 * H},) to match {name}.W {W}")
+            shapes.append((U[0], H))
+        if len(shapes) == 2 and shapes[0] != shapes[1]:
+            raise ValueError(
+                f"params[{l}]: the two directions must have the same sizes; forward U {tuple(layer[0][1].shape)}, "
+                f"W {tuple(layer[0][0].shape)}; reverse U {tuple(layer[1][1].shape)}, W {tuple(layer[1][0].shape)}"
+            )
+        D, H = shapes[0]
+        if d_in is not None and D != d_in:
+            prev = "2 * " if len(params[l - 1]) == 2 else ""
+            raise ValueError(
+                f"params[{l}][0].U has shape {tuple(layer[0][1].shape)}, expected ({d_in}, {4 * H}): layer {l} "
+                f"takes the output of layer {l - 1}, of size {prev}{params[l - 1][0][0].shape[0]} = {d_in}"
+            )
+        sizes.append((D, H, len(layer)))
+        d_in = len(layer) * H
+    return sizes[0][0], sizes
+
+
+def _check_states0(states0, sizes, B) -> None:
+    if states0 is None:
+        return
+    if not isinstance(states0, (tuple, list)) or isinstance(states0, LSTMState) or len(states0) != len(sizes):
+        raise TypeError(
+            f"states0 must be None or a tuple with one entry per layer ({len(sizes)}), each None or a tuple of "
+            f"one LSTMState per direction; got {type(states0).__name__}"
+            + (f" of length {len(states0)}" if isinstance(states0, (tuple, list)) else "")
+        )
+    for l, (layer_state, (_, H, n_dir)) in enumerate(zip(states0, sizes, strict=True)):
+        if layer_state is None:
+            continue
+        bad = isinstance(layer_state, LSTMState) or not isinstance(layer_state, (tuple, list))
+        if bad or len(layer_state) != n_dir:
+            raise TypeError(
+                f"states0[{l}] must be None or a tuple of {n_dir} LSTMState (one per direction of layer {l}), "
+                f"got {type(layer_state).__name__}"
+            )
+        for k, s in enumerate(layer_state):
+            if s is None:
+                continue
+            if not (isinstance(s, tuple) and len(s) == 2):
+                raise TypeError(f"states0[{l}][{k}] must be LSTMState(h, c) or None, got {type(s).__name__}")
+            for field, a in zip("hc", s, strict=True):
+                shape = getattr(a, "shape", None)
+                if shape is None or tuple(shape) != (B, H):
+                    raise ValueError(
+                        f"states0[{l}][{k}].{field} has shape {None if shape is None else tuple(shape)}, "
+                        f"expected (B, H_{l}) = ({B}, {H}) from xs and params[{l}][{k}].W"
+                    )
+
+
+def _check_xs(xs, D0, seq_lengths):
+    if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
+        raise TypeError(f"xs must be an array of shape (T, B, D), got {type(xs).__name__}")
+    if xs.ndim != 3 or xs.shape[2] != D0:
+        raise ValueError(
+            f"xs has shape {tuple(xs.shape)}, expected (T, B, {D0}): time-major, last axis matching params[0][0].U"
+        )
+    B = xs.shape[1]
+    if seq_lengths is not None:
+        shape = getattr(seq_lengths, "shape", None)
+        if shape is None or tuple(shape) != (B,):
+            raise ValueError(
+                f"seq_lengths has shape {None if shape is None else tuple(shape)}, expected (B,) = ({B},) "
+                f"from xs {tuple(xs.shape)}"
+            )
+        if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
+            raise TypeError(f"seq_lengths must have an integer dtype, got {seq_lengths.dtype}")
+    return B
+
+
+def _run(fn, where, *args, **kwargs):
+    """Call ``lstm``/``lstm_ref``, prefixing any argument error with the layer and direction."""
+    try:
+        return fn(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{where}: {e}") from e
+
+
+def lstm_stack(
+    params,
+    xs: jax.Array,
+    states0=None,
+    *,
+    seq_lengths: jax.Array | None = None,
+    dropout: float = 0.0,
+    key: jax.Array | None = None,
+    unroll: int = 1,
+    impl: str = "manual",
+) -> tuple[jax.Array, StackState]:
+    """Run a stack of (optionally bidirectional) LSTM layers over a sequence.
+
+    Every layer and direction is one call of ``lstm`` (hand-written BPTT), or
+    of ``lstm_ref`` with ``impl="ref"``, so the two stacks have the same values
+    and their gradients can be compared.
+
+    Args:
+      params: ``StackParams`` as ``init_stack`` returns: per layer a tuple of
+        ``LSTMParams``, (forward,) or (forward, reverse).
+      xs: (T, B, D_0) inputs, time-major.
+      states0: initial states, ``StackState`` with h, c: (B, H_l) per layer and
+        direction; None (or None for a layer or a direction) means zeros.
+      seq_lengths: optional (B,) integer lengths shared by every layer and
+        direction. Steps t >= seq_lengths[b] are padding: zero output,
+        unchanged state; reverse directions start at step seq_lengths[b] - 1.
+      dropout: probability of zeroing an element of a layer's output before it
+        enters the next layer (inverted dropout: kept elements are scaled by
+        1 / (1 - dropout)); never applied to the last layer's output. A Python
+        float in [0, 1); pass 0.0 at evaluation.
+      key: PRNG key for the dropout masks; required when dropout > 0.
+      unroll: passed to every ``lax.scan``.
+      impl: "manual" (``lstm``, hand-written BPTT) or "ref" (``lstm_ref``,
+        autodiff through ``lax.scan``).
+
+    Returns:
+      ``(hs, final_states)``: hs: (T, B, H_L) from the last layer, or
+      (T, B, 2 H_L) if it is bidirectional (forward half first); final_states
+      is a ``StackState``, h, c: (B, H_l) per layer and direction. The final
+      state of a reverse direction is its state after step 0.
+
+    Raises:
+      ValueError, TypeError: bad structure or shapes, naming the argument
+        (e.g. ``params[1][0].U``, ``states0[0][1].h``) and the shapes.
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {sorted(_IMPLS)}, got {impl!r}")
+    fn = _IMPLS[impl]
+    D0, sizes = stack_sizes(params)
+    B = _check_xs(xs, D0, seq_lengths)
+    _check_states0(states0, sizes, B)
+    if isinstance(dropout, bool) or not isinstance(dropout, (float, int, np.floating, np.integer)):
+        raise TypeError(f"dropout must be a Python float in [0, 1), got {type(dropout).__name__}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    dropout = float(dropout)
+    use_dropout = dropout > 0.0 and len(params) > 1
+    if dropout > 0.0 and key is None:
+        raise ValueError(f"dropout={dropout} needs a PRNG key: pass key=jax.random.PRNGKey(...) (or dropout=0.0)")
+    keys = jax.random.split(key, len(params) - 1) if use_dropout else None
+
+    x, finals = xs, []
+    for l, layer in enumerate(params):
+        layer_state0 = states0[l] if states0 is not None and states0[l] is not None else (None,) * len(layer)
+        outs, states = [], []
+        for k, p in enumerate(layer):
+            hs, final = _run(
+                fn,
+                f"layer {l} {_DIRECTIONS[k]} (params[{l}][{k}])",
+                p,
+                x,
+                layer_state0[k],
+                seq_lengths=seq_lengths,
+                reverse=k == 1,
+                unroll=unroll,
+            )
+            outs.append(hs)
+            states.append(final)
+        finals.append(tuple(states))
+        x = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+        if use_dropout and l < len(params) - 1:
+            keep = jax.random.bernoulli(keys[l], 1.0 - dropout, x.shape)
+            x = jnp.where(keep, x / jnp.asarray(1.0 - dropout, x.dtype), jnp.zeros_like(x))
+    return x, tuple(finals)
+
+
+def gate_trace_stack(params, xs: jax.Array, states0=None, *, seq_lengths=None) -> tuple[tuple[LSTMTrace, ...], ...]:
+    """Gate inspection for a whole stack, without dropout (evaluation mode).
+
+    Each layer and direction is traced with ``lstm_trace``; the next layer's
+    input is the (concatenated) ``h`` of the layer below, cast to the dtype of
+    the layer's weights, as in ``lstm_stack``.
+
+    Args:
+      params: ``StackParams``.
+      xs: (T, B, D_0) inputs, time-major.
+      states0: ``StackState`` or None, as in ``lstm_stack``.
+      seq_lengths: optional (B,) integer lengths.
+
+    Returns:
+      Per layer a tuple with one ``LSTMTrace`` per direction; each of its
+      fields f, i, g, o, c, h is (T, B, H_l), zero at padded steps. The last
+      layer's ``h`` (concatenated over directions) equals ``lstm_stack``'s hs.
+    """
+    D0, sizes = stack_sizes(params)
+    B = _check_xs(xs, D0, seq_lengths)
+    _check_states0(states0, sizes, B)
+    x, traces = xs, []
+    for l, layer in enumerate(params):
+        layer_state0 = states0[l] if states0 is not None and states0[l] is not None else (None,) * len(layer)
+        layer_traces = tuple(
+            _run(
+                lstm_trace,
+                f"layer {l} {_DIRECTIONS[k]} (params[{l}][{k}])",
+                p,
+                x,
+                layer_state0[k],
+                seq_lengths=seq_lengths,
+                reverse=k == 1,
+            )
+            for k, p in enumerate(layer)
+        )
+        traces.append(layer_traces)
+        dtype = jnp.result_type(*layer[0], x)
+        x = jnp.concatenate([t.h for t in layer_traces], axis=-1).astype(dtype)
+    return tuple(traces)

@@ -1,0 +1,228 @@
+"""``charlm``: a character-level language model on the text of ``pydoc_data.topics``.
+
+The corpus ships with Python: the values of ``pydoc_data.topics.topics``
+joined in sorted key order (about 465k characters). The first 90% is the
+training split, the last 10% the validation split. The vocabulary is every
+character of the corpus, sorted.
+
+Training walks through the training text as ``batch_size`` parallel streams
+(the text cut into that many contiguous pieces), one window of ``seq_len``
+characters per step; the LSTM state is carried from one window to the next
+and reset when the walk starts over (truncated BPTT). The data position is
+therefore the step index.
+
+Model: an embedding (V, E) -> LSTM -> dense head (H, V). Loss and metric:
+cross-entropy in bits per character; the unigram baseline is the
+cross-entropy of the training split's character frequencies (add-one
+smoothed) on the validation split.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jax_lstm.bptt import lstm
+from jax_lstm.cell import LSTMState, lstm_cell
+from jax_lstm.tasks.base import LSTMFn, Task, dense, init_model, run_lstm
+
+__all__ = ["CharLM", "TASK", "corpus", "CharData", "sample"]
+
+VAL_FRACTION = 0.1
+VAL_STREAMS = 32  # the validation text is scored as this many contiguous streams
+LN2 = math.log(2.0)
+
+
+def corpus() -> str:
+    """The text: ``pydoc_data.topics.topics`` values joined in sorted key order."""
+    from pydoc_data.topics import topics
+
+    return "".join(topics[k] for k in sorted(topics))
+
+
+@dataclass(frozen=True)
+class CharData:
+    """The encoded corpus and the training streams."""
+
+    vocab: str  # every character of the corpus, sorted; id = position
+    train: np.ndarray  # (N_train,) int32 character ids
+    val: np.ndarray  # (N_val,) int32
+    streams: np.ndarray  # (B, L) int32: the training text as B contiguous streams
+    n_windows: int  # windows of seq_len characters per pass over the streams
+    corpus_sha256: str
+
+
+def encode(text: str, vocab: str) -> np.ndarray:
+    """Characters -> int32 ids. Raises ValueError naming characters not in ``vocab``."""
+    index = {ch: i for i, ch in enumerate(vocab)}
+    missing = sorted(set(text) - set(index))
+    if missing:
+        raise ValueError(f"characters not in the model's vocabulary: {''.join(missing)!r}")
+    return np.fromiter((index[ch] for ch in text), dtype=np.int32, count=len(text))
+
+
+def decode(ids, vocab: str) -> str:
+    """int ids -> text."""
+    return "".join(vocab[int(i)] for i in np.asarray(ids).ravel())
+
+
+class CharLM(Task):
+    name = "charlm"
+    metric = "val_bpc"
+    metric_label = "bits/char"
+    higher_is_better = False
+    carries_state = True
+    defaults = {
+        "steps": 2000,
+        "batch_size": 32,
+        "seq_len": 100,
+        "hidden": 256,
+        "embed": 64,
+        "lr": 3e-3,
+        "schedule": "cosine",
+        "warmup": 100,
+        "clip": 1.0,
+    }
+
+    def setup(self, config, info=None) -> CharData:
+        """Encode the corpus and cut it into streams.
+
+        Args:
+          config: reads ``batch_size`` and ``seq_len``.
+          info: ``{"vocab", "corpus_sha256"}`` of an existing model (from its
+            checkpoint); None builds the vocabulary from the corpus.
+        """
+        text = corpus()
+        vocab = "".join(sorted(set(text))) if info is None else info["vocab"]
+        ids = encode(text, vocab)
+        n_val = int(len(ids) * VAL_FRACTION)
+        train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+        B, T = int(config.batch_size), int(config.seq_len)
+        L = len(train) // B
+        n_windows = (L - 1) // T
+        if n_windows < 1:
+            raise ValueError(
+                f"batch_size {B} x seq_len {T} is too large for the {len(train)}-character training text"
+            )
+        streams = train[: B * L].reshape(B, L)
+        sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return CharData(vocab, train, val, streams, n_windows, sha)
+
+    def info(self, data: CharData) -> dict:
+        return {"vocab": data.vocab, "corpus_sha256": data.corpus_sha256}
+
+    def init_params(self, key, config, data: CharData) -> dict:
+        k_emb, k_model = jax.random.split(key)
+        dtype = jnp.dtype(config.dtype)
+        V = len(data.vocab)
+        params = init_model(k_model, int(config.embed), V, config)
+        params["embed"] = jax.random.normal(k_emb, (V, int(config.embed)), jnp.float32).astype(dtype)
+        return params
+
+    def train_batch(self, data: CharData, config, step: int, key) -> dict:
+        """Window ``step mod n_windows`` of every stream; ``reset`` is True at the first window."""
+        T = int(config.seq_len)
+        w = int(step) % data.n_windows
+        chunk = data.streams[:, w * T : (w + 1) * T + 1]
+        B = chunk.shape[0]
+        return {"x": chunk[:, :-1], "y": chunk[:, 1:], "reset": np.full((B,), w == 0)}
+
+    def logits(self, params, x_bm: jax.Array, state0: LSTMState | None, lstm_fn: LSTMFn):
+        """x_bm: (B, T) ids -> logits (T, B, V) and the final state."""
+        xs = params["embed"][x_bm]  # (B, T, E)
+        hs, final = run_lstm(lstm_fn, params["lstm"], xs, state0)
+        return dense(params["head"], hs), final
+
+    def loss(self, params, batch, lstm_fn):
+        keep = jnp.logical_not(batch["reset"])[:, None]
+        h0 = jnp.where(keep, batch["h0"], jnp.zeros_like(batch["h0"]))
+        c0 = jnp.where(keep, batch["c0"], jnp.zeros_like(batch["c0"]))
+        logits, final = self.logits(params, batch["x"], LSTMState(h0, c0), lstm_fn)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.swapaxes(batch["y"], 0, 1))
+        return jnp.mean(ce) / LN2, {"carry": jax.tree.map(jax.lax.stop_gradient, final)}
+
+    def _val_streams(self, data: CharData):
+        """Inputs, targets and mask (VAL_STREAMS, L): every validation character after the first is a target."""
+        n = len(data.val) - 1
+        L = -(-n // VAL_STREAMS)
+        pad = VAL_STREAMS * L - n
+        x = np.concatenate([data.val[:-1], np.zeros(pad, np.int32)]).reshape(VAL_STREAMS, L)
+        y = np.concatenate([data.val[1:], np.zeros(pad, np.int32)]).reshape(VAL_STREAMS, L)
+        mask = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)]).reshape(VAL_STREAMS, L)
+        return x, y, mask
+
+    def make_evaluator(self, data: CharData, config, lstm_fn):
+        x, y, mask = (jnp.asarray(a) for a in self._val_streams(data))
+
+        @jax.jit
+        def bits(params, x, y, mask):
+            logits, _ = self.logits(params, x, None, lstm_fn)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.swapaxes(y, 0, 1))
+            m = jnp.swapaxes(mask, 0, 1).astype(ce.dtype)
+            return jnp.sum(ce * m) / jnp.sum(m) / LN2
+
+        def evaluate(params) -> dict[str, float]:
+            v = float(bits(params, x, y, mask))
+            return {"val_loss": v, self.metric: v}
+
+        return evaluate
+
+    def baselines(self, data: CharData) -> dict[str, float]:
+        V = len(data.vocab)
+        counts = np.bincount(data.train, minlength=V).astype(np.float64) + 1.0
+        logp = np.log2(counts / counts.sum())
+        return {"unigram": float(-logp[data.val[1:]].mean())}
+
+
+TASK = CharLM()
+
+
+@functools.partial(jax.jit, static_argnames=("length",))
+def _generate(params, prompt_ids, key, temperature, length: int):
+    xs = params["embed"][prompt_ids][:, None, :]  # (P, 1, E)
+    hs, state = lstm(params["lstm"], xs)
+    logits = dense(params["head"], hs[-1])  # (1, V)
+
+    def body(carry, k):
+        state, logits = carry
+        c = jax.random.categorical(k, logits / temperature, axis=-1)  # (1,)
+        state, h = lstm_cell(params["lstm"], state, params["embed"][c])
+        return (state, dense(params["head"], h)), c[0]
+
+    _, out = jax.lax.scan(body, (state, logits), jax.random.split(key, length))
+    return out
+
+
+def sample(params, vocab: str, prompt: str, length: int, temperature: float = 1.0, seed: int = 0) -> str:
+    """Generate ``length`` characters after ``prompt``.
+
+    Args:
+      params: charlm parameters (``embed``, ``lstm``, ``head``).
+      vocab: the model's vocabulary.
+      prompt: non-empty text made of vocabulary characters; the LSTM reads it first.
+      length: number of characters to generate.
+      temperature: > 0; logits are divided by it before sampling.
+      seed: PRNG seed.
+
+    Returns:
+      The generated text (without the prompt).
+    """
+    if not prompt:
+        raise ValueError("prompt must not be empty")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    if length == 0:
+        return ""
+    ids = jnp.asarray(encode(prompt, vocab))
+    dtype = params["embed"].dtype
+    out = _generate(params, ids, jax.random.PRNGKey(seed), jnp.asarray(temperature, dtype), int(length))
+    return decode(out, vocab)
