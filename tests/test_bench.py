@@ -1,0 +1,96 @@
+"""Smoke test of the benchmark harness on tiny shapes; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from jax_lstm import bench
+
+
+def test_matmul_flops_counts_forward_and_twice_that_backward():
+    T, B, D, H = 3, 2, 5, 7
+    fwd, train = bench.matmul_flops((T, B, D, H))
+    assert fwd == 2 * T * B * (D + H) * 4 * H
+    assert train == 3 * fwd
+
+
+def _record(impl, unroll, train_ms, fwd_ms=1.0, compile_s=1.0, temp=1000):
+    return dict(
+        impl=impl,
+        unroll=unroll,
+        train_ms=train_ms,
+        fwd_ms=fwd_ms,
+        train_gflops=1.0 / train_ms,
+        fwd_gflops=1.0,
+        compile_s=compile_s,
+        temp_bytes=temp,
+    )
+
+
+def test_summarize_takes_each_implementation_at_its_best_unroll():
+    shapes = [list(bench.PEAK_SHAPE), [4, 3, 2, 1]]
+    results = [
+        dict(
+            shape=shapes[0],
+            records=[
+                _record("manual", 1, 10.0, compile_s=2.0),
+                _record("manual", 2, 5.0, compile_s=1.0),
+                _record("autodiff", 1, 20.0, compile_s=4.0),
+                _record("autodiff", 2, 30.0),
+                _record("torch", None, 4.0),
+            ],
+        ),
+        dict(
+            shape=shapes[1],
+            records=[_record("manual", 1, 8.0), _record("autodiff", 1, 16.0), _record("torch", None, 16.0)],
+        ),
+    ]
+    memory = dict(shape=list(bench.MEMORY_SHAPE), manual_bytes=60, autodiff_bytes=100, ratio=0.6)
+    s = bench.summarize(results, peak_gflops=1.0, memory=memory)
+    first = s["per_shape"][0]
+    assert first["manual_unroll"] == 2 and first["autodiff_unroll"] == 1
+    assert first["speedup_vs_autodiff"] == pytest.approx(4.0)
+    assert first["time_ratio_vs_torch"] == pytest.approx(1.25)
+    assert first["compile_ratio"] == pytest.approx(0.25)
+    g = s["geomean"]
+    assert g["speedup_vs_autodiff"] == pytest.approx(math.sqrt(4.0 * 2.0))
+    assert g["time_ratio_vs_torch"] == pytest.approx(math.sqrt(1.25 * 0.5))
+    t = s["targets"]
+    assert t["speedup_vs_autodiff"]["met"] is True  # 2.83 >= 2.0
+    assert t["time_ratio_vs_torch"]["met"] is True  # 0.79 <= 1.0
+    assert t["memory_ratio"]["met"] is True  # 0.6 <= 0.75
+    assert t["peak_fraction"]["value"] == pytest.approx(0.2) and t["peak_fraction"]["met"] is False
+
+
+def test_quick_run_writes_table_json_and_png(tmp_path, capsys):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = bench.main(["--quick", "--seconds", "1", "--json", str(out_json), "--plot", str(out_png)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "geometric mean" in printed and "targets" in printed
+
+    report = json.loads(out_json.read_text())
+    assert report["peak_gflops"] > 0
+    assert [r["shape"] for r in report["results"]] == [list(s) for s in bench.QUICK_SHAPES]
+    records = report["results"][0]["records"]
+    impls = {r["impl"] for r in records}
+    assert {"manual", "autodiff"} <= impls
+    for r in records:
+        assert r["fwd_ms"] > 0 and r["train_ms"] > 0 and r["train_gflops"] > 0
+        if r["impl"] in ("manual", "autodiff"):
+            assert r["unroll"] in (1, 2)
+            assert r["compile_s"] > 0 and r["temp_bytes"] is not None and r["temp_bytes"] >= 0
+    mem = report["memory"]
+    assert mem["shape"] == list(bench.QUICK_MEMORY_SHAPE)
+    assert mem["manual_bytes"] > 0 and mem["autodiff_bytes"] > 0
+    assert set(report["summary"]["targets"]) == set(bench.TARGETS)
+    assert report["summary"]["per_shape"][0]["speedup_vs_autodiff"] > 0
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_shape_flag_is_an_argparse_error():
+    with pytest.raises(SystemExit):
+        bench.main(["--shape", "1,2,3"])
