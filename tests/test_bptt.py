@@ -22,9 +22,9 @@ def _lengths(T: int, B: int):
 
 
 VALUE_CASES = [
-    (T, B, with_state, with_lengths, reverse, unroll)
-    for T, B, with_state, with_lengths, reverse, unroll in itertools.product(
-        (1, 2, 17), (1, 3), (False, True), (False, True), (False, True), (1, 4)
+    (T, B, with_state, with_lengths, reverse, 4 if (T + with_state + reverse) % 2 else 1)  # unroll 1 and 4 alternate
+    for T, B, with_state, with_lengths, reverse in itertools.product(
+        (1, 2, 17), (1, 3), (False, True), (False, True), (False, True)
     )
     if not (with_lengths and B == 1)
 ]
