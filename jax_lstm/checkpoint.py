@@ -44,6 +44,15 @@ FILENAME = "checkpoint.npz"
 HEADER = "header.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupted, or does not fit the model it is loaded into."""
 
@@ -53,6 +62,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -236,7 +246,9 @@ def restore(path: str | os.PathLike, template) -> tuple[Any, dict]:
             + (f"; only in this model: {', '.join(only_here[:4])}" if only_here else "")
         )
     else:
-        for name, entry, leaf in zip(names, saved, leaves, strict=True):
+        # shallowest paths first: a model's own arrays before the optimizer's copies of them
+        order = sorted(range(len(names)), key=lambda i: (names[i].count("["), i))
+        for name, entry, leaf in ((names[i], saved[i], leaves[i]) for i in order):
             shape = tuple(np.shape(leaf))
             dtype = np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype).str
             if tuple(entry["shape"]) != shape:

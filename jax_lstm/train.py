@@ -113,7 +113,8 @@ class TrainConfig:
       dtype: ``float32`` or ``float64`` for params and activations.
       grad: ``manual`` (``lstm``, hand-written BPTT) or ``autodiff`` (``lstm_ref``).
       log_every: evaluate, log and checkpoint every this many steps (and at the end).
-      time_limit: stop (and checkpoint) after this many seconds of training; None: no limit.
+      time_limit: stop (and checkpoint) after this many seconds, counted from the start of this
+        invocation (a resumed run gets the limit afresh); None: no limit.
     """
 
     task: str | None = None
@@ -209,6 +210,8 @@ class TrainResult:
       elapsed: seconds of training, including earlier runs of a resumed run.
       out_dir: where the files went (None if nothing was written).
       message: one line about how the run ended.
+      n_params: number of model parameters.
+      data: the task's data (from ``Task.setup``).
     """
 
     state: TrainState
@@ -220,6 +223,8 @@ class TrainResult:
     elapsed: float
     out_dir: Path | None
     message: str
+    n_params: int = 0
+    data: Any = None
 
 
 # --------------------------------------------------------------------------- pieces
@@ -264,7 +269,7 @@ def make_train_step(task: Task, optimizer: optax.GradientTransformation, lstm_fn
         (loss, aux), grads = jax.value_and_grad(lambda p: task.loss(p, batch, lstm_fn), has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
     return train_step
 
@@ -444,11 +449,19 @@ def summary_table(result: TrainResult, task: Task, n_params: int) -> str:
     cfg, recs = result.config, result.records
     last = recs[-1] if recs else {}
     rows = [
-        ("task", f"{cfg.task} ({task.metric}: {task.metric_label}, {'higher' if task.higher_is_better else 'lower'} "
-         "is better)"),
-        ("model", f"LSTM H={cfg.hidden}" + (f", embedding {cfg.embed}" if cfg.task == "charlm" else "")
-         + f", {n_params:,} parameters, {cfg.dtype}, grad {cfg.grad}"),
-        ("steps", f"{result.state.step} of {cfg.steps} (batch {cfg.batch_size} x {cfg.seq_len}; stopped: {result.stop})"),
+        (
+            "task",
+            f"{cfg.task} ({task.metric}: {task.metric_label}, {'higher' if task.higher_is_better else 'lower'} "
+            "is better)",
+        ),
+        (
+            "model",
+            f"LSTM H={cfg.hidden}"
+            + (f", embedding {cfg.embed}" if cfg.task == "charlm" else "")
+            + f", {n_params:,} parameters, {cfg.dtype}, grad {cfg.grad}",
+        ),
+        ("steps", f"{result.state.step} of {cfg.steps} (batch {cfg.batch_size} x {cfg.seq_len})"),
+        ("stopped", f"{result.stop}: {result.message}"),
         ("time", f"{_fmt_time(result.elapsed)} ({result.state.step / max(result.elapsed, 1e-9):.1f} steps/s overall)"),
     ]
     if last:
@@ -474,6 +487,7 @@ def plot_curves(records: list[dict], task: Task, baselines: dict[str, float], pa
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
+    records = [{k: (float("nan") if v is None else v) for k, v in r.items()} for r in records]
     same = getattr(task, "loss_is_metric", False)
     fig, axes = plt.subplots(1, 1 if same else 2, figsize=(6.4 if same else 11, 4.2), squeeze=False)
     ax = axes[0, 0]
@@ -485,6 +499,7 @@ def plot_curves(records: list[dict], task: Task, baselines: dict[str, float], pa
     ax.set_xlabel("step")
     ax.set_ylabel(f"loss ({task.metric_label})" if same else "loss")
     values = [v for r in records for v in (r["loss"], r["val_loss"])] + (list(baselines.values()) if same else [])
+    values = [v for v in values if math.isfinite(v)]
     if values and min(values) > 0 and max(values) / min(values) > 20:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -614,8 +629,6 @@ def train(
         for name in ("steps", "grad", "log_every", "time_limit"):
             if getattr(config, name) is not None:
                 merged[name] = getattr(config, name)
-        if config.steps is not None and config.log_every is None:
-            merged["log_every"] = None
         _enable_x64_if(merged["dtype"])
         config = TrainConfig(**merged).resolved()
         loaded = load_run(ckpt, config)
@@ -692,7 +705,8 @@ def train(
     print(
         f"{task.name}: {n_params:,} parameters, LSTM H={config.hidden}, batch {config.batch_size} x "
         f"{config.seq_len}, {config.optimizer} lr {config.lr:g} ({config.schedule}), grad {config.grad}, "
-        f"{config.dtype}; baselines: " + (", ".join(f"{k} {_fmt(v)}" for k, v in baselines.items()) or "none")
+        f"{config.dtype}; baselines: "
+        + (", ".join(f"{k} {_fmt(v)}" for k, v in baselines.items()) or "none")
         + (f"; resuming at step {state.step}" if loaded is not None else ""),
         file=stream,
         flush=True,
@@ -708,8 +722,15 @@ def train(
     def current() -> TrainState:
         return TrainState(step, params, opt_state, key, carry)
 
-    def log() -> bool:
-        """Evaluate, record, save, run callbacks; True if a callback asks to stop."""
+    def nan_message(what: str, at: int) -> str:
+        kept = f"the last good checkpoint (step {last_saved}) is kept in {ckpt_path}"
+        if ckpt_path is None or last_saved is None:
+            kept = "no checkpoint had been written yet"
+        return f"stopped: {what} at step {at}; {kept}. Try a lower --lr or a smaller --clip."
+
+    def log() -> str | None:
+        """Evaluate, record, save, run callbacks. Returns "nan" (bad validation loss, nothing saved),
+        "callback" (a callback asks to stop) or None."""
         nonlocal window, last_metric
         rec = {
             "step": step,
@@ -719,15 +740,18 @@ def train(
         }
         rec.update(evaluate(params))
         rec["elapsed"] = round(elapsed(), 3)
+        bad = {k: v for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)}
         rec = {k: _jsonable(v) for k, v in rec.items()}
         records.append(rec)
         last_metric, window = rec.get(task.metric), []
         if metrics_file is not None:
             metrics_file.write(json.dumps(rec) + "\n")
             metrics_file.flush()
+        if bad:
+            return "nan: " + ", ".join(f"{k} became {v}" for k, v in bad.items())
         st = current()
         save(st)
-        return any([bool(cb(rec, st)) for cb in callbacks])
+        return "callback" if any([bool(cb(rec, st)) for cb in callbacks]) else None
 
     try:
         with _sigint_flag() as interrupted:
@@ -741,13 +765,7 @@ def train(
                     loss, gnorm = (float(v) for v in jax.device_get((out["loss"], out["grad_norm"])))
                     if not (math.isfinite(loss) and math.isfinite(gnorm)):
                         stop = "nan"
-                        kept = f"the last good checkpoint (step {last_saved}) is kept in {ckpt_path}"
-                        if ckpt_path is None or last_saved is None:
-                            kept = "no checkpoint had been written yet"
-                        message = (
-                            f"stopped: the loss became {loss} (gradient norm {gnorm}) at step {step + 1}; "
-                            f"{kept}. Try a lower --lr or a smaller --clip."
-                        )
+                        message = nan_message(f"the loss became {loss} (gradient norm {gnorm})", step + 1)
                         step += 1
                         break
                     carry = out.get("carry", carry)
@@ -755,10 +773,15 @@ def train(
                     losses.append(loss)
                     window.append((loss, gnorm))
                     logged = step % config.log_every == 0 or step == config.steps
-                    if logged and log():
-                        stop, message = "callback", f"stopped by a callback at step {step}"
-                        break
-                    left = None if config.time_limit is None else config.time_limit - elapsed()
+                    if logged:
+                        why = log()
+                        if why and why.startswith("nan"):
+                            stop, message = "nan", nan_message(why[5:], step)
+                            break
+                        if why == "callback":
+                            stop, message = "callback", f"stopped by a callback at step {step}"
+                            break
+                    left = None if config.time_limit is None else config.time_limit - (time.perf_counter() - t_start)
                     bar.update(step, loss, last_metric, logged=logged, limit_left=left)
                     if interrupted.is_set():
                         stop, message = "interrupted", f"interrupted at step {step}"
@@ -770,7 +793,9 @@ def train(
                 stop, message = "interrupted", f"interrupted at step {step}"
         bar.close()
         if stop == "time_limit" and (not records or records[-1]["step"] != step):
-            log()
+            why = log()
+            if why and why.startswith("nan"):
+                stop, message = "nan", nan_message(why[5:], step)
         elif stop == "interrupted" and last_saved != step:
             leaves = jax.tree.leaves(current().arrays())
             if any(getattr(a, "is_deleted", lambda: False)() for a in leaves):
@@ -787,9 +812,7 @@ def train(
             metrics_file.close()
     if stop == "done":
         message = f"finished {step} steps"
-    result = TrainResult(current(), config, records, losses, stop, baselines, elapsed(), out_dir, message)
-    result.n_params = n_params  # type: ignore[attr-defined]
-    return result
+    return TrainResult(current(), config, records, losses, stop, baselines, elapsed(), out_dir, message, n_params, data)
 
 
 # --------------------------------------------------------------------------- command line
@@ -936,9 +959,9 @@ def main_train(argv: Sequence[str]) -> int:
     except (ValueError, FileExistsError) as e:
         return _error(prog, str(e), EXIT_USAGE)
     task = get_task(result.config.task)
-    print(summary_table(result, task, result.n_params))  # type: ignore[attr-defined]
+    print(summary_table(result, task, result.n_params))
     if result.stop != "nan" and not args.no_sample:
-        demo = task.demo(result.state.params, result.config) if hasattr(task, "demo") else None
+        demo = task.demo(result.state.params, result.data, GRADS[result.config.grad])
         if demo:
             print(demo)
     if result.stop == "nan":
@@ -949,8 +972,12 @@ def main_train(argv: Sequence[str]) -> int:
 
 def sample_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jax-lstm sample", description="Generate text from a charlm checkpoint.")
-    p.add_argument("--checkpoint", default=os.path.join("runs", "charlm"), metavar="PATH",
-                   help="run directory or checkpoint file (default runs/charlm)")
+    p.add_argument(
+        "--checkpoint",
+        default=os.path.join("runs", "charlm"),
+        metavar="PATH",
+        help="run directory or checkpoint file (default runs/charlm)",
+    )
     p.add_argument("--prompt", default="The ", help="text the model reads first (default 'The ')")
     p.add_argument("--length", type=_positive_int, default=500, help="characters to generate (default 500)")
     p.add_argument("--temperature", type=_positive_float, default=0.8, help="> 0; lower is more conservative")
@@ -986,8 +1013,12 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jax-lstm evaluate", description="Evaluate a checkpoint on its task's validation split."
     )
-    p.add_argument("--checkpoint", default=os.path.join("runs", "charlm"), metavar="PATH",
-                   help="run directory or checkpoint file (default runs/charlm)")
+    p.add_argument(
+        "--checkpoint",
+        default=os.path.join("runs", "charlm"),
+        metavar="PATH",
+        help="run directory or checkpoint file (default runs/charlm)",
+    )
     p.add_argument("--grad", choices=tuple(GRADS), default="manual", help="which LSTM runs the forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
@@ -1008,8 +1039,7 @@ def main_evaluate(argv: Sequence[str]) -> int:
     if args.json:
         print(json.dumps({"task": run.task.name, "step": run.state.step, **values, "baselines": baselines}))
         return EXIT_OK
-    rows = [("checkpoint", f"{_checkpoint_path(args.checkpoint)} (step {run.state.step})"),
-            ("task", run.task.name)]
+    rows = [("checkpoint", f"{_checkpoint_path(args.checkpoint)} (step {run.state.step})"), ("task", run.task.name)]
     rows += [(k, _fmt(v)) for k, v in values.items()]
     rows += [(f"baseline: {k}", _fmt(v)) for k, v in baselines.items()]
     print(_table(rows))

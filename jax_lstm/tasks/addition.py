@@ -68,7 +68,7 @@ class Addition(Task):
     higher_is_better = True
     carries_state = False
     defaults = {
-        "steps": 1500,
+        "steps": 600,
         "batch_size": 64,
         "seq_len": STEPS,
         "hidden": 16,
@@ -124,6 +124,16 @@ class Addition(Task):
 
     def baselines(self, data) -> dict[str, float]:
         return {"chance": 2.0**-STEPS}
+
+    def demo(self, params, data: AdditionData, lstm_fn) -> str:
+        pairs = np.asarray(data.val[::167][:6])
+        a, b = pairs // 2**BITS, pairs % 2**BITS
+        got = self.predict(params, a, b, lstm_fn)
+        lines = [
+            f"  {x:3d} + {y:3d} = {z:3d}  {'ok' if z == x + y else f'wrong, {x + y}'}"
+            for x, y, z in zip(a, b, got, strict=True)
+        ]
+        return "held-out sums:\n" + "\n".join(lines)
 
 
 TASK = Addition()

@@ -44,6 +44,8 @@ class Task:
         (truncated BPTT). The trainer then adds ``h0`` and ``c0`` (B, H) to
         each batch and reads the final state back from the loss's aux
         output ``"carry"``.
+      loss_is_metric: whether the validation loss and the metric are the same
+        number (then one plot panel shows both).
       defaults: run-configuration defaults for this task.
     """
 
@@ -52,6 +54,7 @@ class Task:
     metric_label: str = ""
     higher_is_better: bool = False
     carries_state: bool = False
+    loss_is_metric: bool = False
     defaults: dict[str, Any] = {}
 
     def setup(self, config, info: dict[str, Any] | None = None) -> Any:
@@ -96,6 +99,10 @@ class Task:
     def baselines(self, data) -> dict[str, float]:
         """Trivial predictors' values of the validation metric, by name."""
         return {}
+
+    def demo(self, params, data, lstm_fn: LSTMFn) -> str | None:
+        """A few lines showing what the trained model does (printed after training), or None."""
+        return None
 
 
 def init_dense(key: jax.Array, n_in: int, n_out: int, dtype) -> dict[str, jax.Array]:

@@ -79,6 +79,7 @@ class CharLM(Task):
     metric_label = "bits/char"
     higher_is_better = False
     carries_state = True
+    loss_is_metric = True
     defaults = {
         "steps": 2000,
         "batch_size": 32,
@@ -108,9 +109,7 @@ class CharLM(Task):
         L = len(train) // B
         n_windows = (L - 1) // T
         if n_windows < 1:
-            raise ValueError(
-                f"batch_size {B} x seq_len {T} is too large for the {len(train)}-character training text"
-            )
+            raise ValueError(f"batch_size {B} x seq_len {T} is too large for the {len(train)}-character training text")
         streams = train[: B * L].reshape(B, L)
         sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
         return CharData(vocab, train, val, streams, n_windows, sha)
@@ -179,6 +178,11 @@ class CharLM(Task):
         counts = np.bincount(data.train, minlength=V).astype(np.float64) + 1.0
         logp = np.log2(counts / counts.sum())
         return {"unigram": float(-logp[data.val[1:]].mean())}
+
+    def demo(self, params, data: CharData, lstm_fn) -> str:
+        prompt = "The "
+        text = sample(params, data.vocab, prompt, 300, temperature=0.8, seed=0)
+        return f"sample (prompt {prompt!r}, temperature 0.8, seed 0):\n{prompt}{text}"
 
 
 TASK = CharLM()

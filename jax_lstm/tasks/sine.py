@@ -54,6 +54,7 @@ class Sine(Task):
     metric_label = "MSE"
     higher_is_better = False
     carries_state = False
+    loss_is_metric = True
     defaults = {
         "steps": 1500,
         "batch_size": 32,
