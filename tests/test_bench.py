@@ -73,7 +73,7 @@ def test_quick_run_writes_table_json_and_png(tmp_path, capsys):
     assert "geometric mean" in printed and "targets" in printed
 
     report = json.loads(out_json.read_text())
-    assert report["peak_gflops"] > 0
+    assert report["peak_gflops"] > 0 and isinstance(report["noisy"], bool)
     assert [r["shape"] for r in report["results"]] == [list(s) for s in bench.QUICK_SHAPES]
     records = report["results"][0]["records"]
     impls = {r["impl"] for r in records}
