@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["initialize", "make_mesh", "replicate", "shard_batch", "data_parallel", "describe"]
+__all__ = ["initialize", "make_mesh", "replicate", "shard_batch", "data_parallel", "describe", "to_host"]
 
 AXIS = "data"
 
@@ -94,6 +94,8 @@ def shard_batch(mesh: Mesh, batch, *, process_local: bool = False):
         sharding = _batch_sharding(mesh, a.ndim)
         if process_local:
             return jax.make_array_from_process_local_data(sharding, np.asarray(a))
+        if jax.process_count() > 1:  # every process holds the whole batch: each takes its own rows
+            return jax.make_array_from_callback(a.shape, sharding, lambda index: np.asarray(a[index]))
         return jax.device_put(a, sharding)
 
     return jax.tree.map(put, batch)
@@ -125,6 +127,11 @@ def data_parallel(step: Callable, mesh: Mesh, *, donate: bool = True) -> Callabl
         return compiled[key](params, opt_state, batch, *rest)
 
     return run
+
+
+def to_host(tree):
+    """NumPy copies of the leaves of a replicated tree, readable in every process (for saving, evaluation)."""
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a, tree)
 
 
 def describe(mesh: Mesh, global_batch: int) -> str:

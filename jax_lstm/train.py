@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_lstm import checkpoint
+from jax_lstm import checkpoint, parallel
 from jax_lstm.bptt import lstm
 from jax_lstm.cell import LSTMState
 from jax_lstm.reference import lstm_ref
@@ -114,7 +114,7 @@ class TrainConfig:
       grad: ``manual`` (``lstm``, hand-written BPTT) or ``autodiff`` (``lstm_ref``).
       log_every: evaluate, log and checkpoint every this many steps (and at the end).
       time_limit: stop (and checkpoint) after this many seconds, counted from the start of this
-        invocation (a resumed run gets the limit afresh); None: no limit.
+        invocation (a resumed run gets the limit afresh); None or 0: no limit.
     """
 
     task: str | None = None
@@ -166,8 +166,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip >= 0):
             raise ValueError(f"clip must be a non-negative number, got {self.clip!r}")
-        if self.time_limit is not None and not self.time_limit > 0:
-            raise ValueError(f"time_limit must be a positive number of seconds, got {self.time_limit!r}")
+        if self.time_limit is not None and not self.time_limit >= 0:
+            raise ValueError(f"time_limit must be a non-negative number of seconds, got {self.time_limit!r}")
         for name, allowed in (
             ("optimizer", OPTIMIZERS),
             ("schedule", SCHEDULES),
@@ -576,6 +576,7 @@ def train(
     progress: str = "auto",
     stream: TextIO | None = None,
     plot: bool = True,
+    devices: int | None = None,
 ) -> TrainResult:
     """Train a task; see the module docstring.
 
@@ -595,6 +596,10 @@ def train(
       progress: ``auto``, ``bar``, ``lines`` or ``none`` (see ``Progress``).
       stream: where progress goes (default stderr).
       plot: write ``curves.png`` at the end.
+      devices: data-parallel over the first ``devices`` devices (the batch axis
+        split over a ``jax.sharding`` mesh, params and optimizer state
+        replicated); None trains on one device, unless this is one process of
+        a ``jax.distributed`` run, which always uses every device.
 
     Returns:
       A ``TrainResult``.
@@ -687,7 +692,18 @@ def train(
         checkpoint.atomic_write(metrics_path, text.encode())
         metrics_file = open(metrics_path, "a")  # noqa: SIM115 (closed in the finally below)
 
-    step_fn = jax.jit(make_train_step(task, optimizer, lstm_fn), donate_argnums=(0, 1))
+    train_step = make_train_step(task, optimizer, lstm_fn)
+    place, to_host = (lambda batch: batch), (lambda tree: tree)
+    if devices is None and jax.process_count() == 1:
+        step_fn = jax.jit(train_step, donate_argnums=(0, 1))
+    else:
+        mesh = parallel.make_mesh(devices)
+        print(parallel.describe(mesh, int(config.batch_size)), file=stream, flush=True)
+        step_fn = parallel.data_parallel(train_step, mesh)
+        place, to_host = (lambda batch: parallel.shard_batch(mesh, batch)), parallel.to_host
+        state = state._replace(
+            params=parallel.replicate(mesh, state.params), opt_state=parallel.replicate(mesh, state.opt_state)
+        )
     evaluate = task.make_evaluator(data, config, lstm_fn)
     ckpt_path = out_dir / checkpoint.FILENAME if out_dir is not None else None
     ckpt_config = dataclasses.asdict(config)
@@ -699,7 +715,7 @@ def train(
         nonlocal last_saved
         if ckpt_path is not None:
             meta = {"step": st.step, "elapsed": elapsed(), "info": info, "task": task.name, "baselines": baselines}
-            checkpoint.save(ckpt_path, st.arrays(), config=ckpt_config, meta=meta)
+            checkpoint.save(ckpt_path, to_host(st.arrays()), config=ckpt_config, meta=meta)
             last_saved = st.step
 
     print(
@@ -738,7 +754,7 @@ def train(
             "grad_norm": float(np.mean([w[1] for w in window])) if window else None,
             "lr": lr_at(max(step - 1, 0)),
         }
-        rec.update(evaluate(params))
+        rec.update(evaluate(to_host(params)))
         rec["elapsed"] = round(elapsed(), 3)
         bad = {k: v for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)}
         rec = {k: _jsonable(v) for k, v in rec.items()}
@@ -761,7 +777,7 @@ def train(
                     batch = task.train_batch(data, config, step, sub)
                     if task.carries_state:
                         batch = {**batch, "h0": carry.h, "c0": carry.c}
-                    params, opt_state, out = step_fn(params, opt_state, batch)
+                    params, opt_state, out = step_fn(params, opt_state, place(batch))
                     loss, gnorm = (float(v) for v in jax.device_get((out["loss"], out["grad_norm"])))
                     if not (math.isfinite(loss) and math.isfinite(gnorm)):
                         stop = "nan"
@@ -781,7 +797,7 @@ def train(
                         if why == "callback":
                             stop, message = "callback", f"stopped by a callback at step {step}"
                             break
-                    left = None if config.time_limit is None else config.time_limit - (time.perf_counter() - t_start)
+                    left = config.time_limit - (time.perf_counter() - t_start) if config.time_limit else None
                     bar.update(step, loss, last_metric, logged=logged, limit_left=left)
                     if interrupted.is_set():
                         stop, message = "interrupted", f"interrupted at step {step}"
@@ -908,9 +924,19 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=_nonneg_float, help="clip gradients to this global norm (0: off)")
     p.add_argument("--dtype", choices=DTYPES, help="default float32")
     p.add_argument("--log-every", type=_positive_int, help="evaluate, log and checkpoint every N steps")
-    p.add_argument("--time-limit", type=_positive_float, metavar="SECONDS", help="stop (with a checkpoint) after this")
+    p.add_argument(
+        "--time-limit",
+        type=_nonneg_float,
+        metavar="SECONDS",
+        help="stop (with a checkpoint) after this many seconds; 0: no limit (charlm default 480, a safety cap)",
+    )
     p.add_argument("--progress", choices=PROGRESS_MODES, default="auto", help="progress display on stderr")
     p.add_argument("--no-sample", action="store_true", help="charlm: do not print a sample at the end")
+    dp = p.add_argument_group("data parallel (jax.sharding; see README, Scale out)")
+    dp.add_argument("--devices", type=_positive_int, help="split each batch over the first N devices")
+    dp.add_argument("--coordinator", metavar="HOST:PORT", help="jax.distributed coordinator (process 0's address)")
+    dp.add_argument("--num-processes", type=_positive_int, help="processes in a jax.distributed run")
+    dp.add_argument("--process-id", type=_nonneg_int, help="this process's rank in a jax.distributed run")
     return p
 
 
@@ -944,6 +970,16 @@ def main_train(argv: Sequence[str]) -> int:
         out = os.path.join("runs", args.task or DEFAULT_TASK)
     if args.resume and args.force:
         return _error(prog, "--resume and --force contradict each other", EXIT_USAGE)
+    multi = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in multi):
+        if any(v is None for v in multi):
+            return _error(prog, "--coordinator, --num-processes and --process-id go together", EXIT_USAGE)
+        try:
+            parallel.initialize(args.coordinator, args.num_processes, args.process_id)
+        except (ValueError, RuntimeError) as e:
+            return _error(prog, f"jax.distributed could not start: {e}", EXIT_FAIL)
+        if args.process_id != 0:  # process 0 alone writes the run directory
+            out, args.metrics = None, None
     _enable_x64_if(args.dtype)
     try:
         result = train(
@@ -953,6 +989,7 @@ def main_train(argv: Sequence[str]) -> int:
             force=args.force,
             metrics_path=args.metrics,
             progress=args.progress,
+            devices=args.devices,
         )
     except checkpoint.CheckpointError as e:
         return _error(prog, str(e), EXIT_FAIL)
