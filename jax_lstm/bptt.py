@@ -47,7 +47,7 @@ def lstm(params, xs, state0=None, *, seq_lengths=None, reverse=False, unroll=1):
         input gradient.
       reverse: run each sequence from its last valid step down to step 0;
         ``hs`` stays aligned with ``xs``.
-      unroll: passed to both ``lax.scan`` loops; changes speed, not values.
+      unroll: unroll factor of the forward and backward loops; changes speed, not values.
 
     Returns:
       ``(hs, LSTMState(h, c))`` with hs: (T, B, H), h, c: (B, H).
