@@ -346,7 +346,9 @@ def from_keras(weights, *, dtype=None) -> LSTMParams:
         raise ValueError(f"recurrent_kernel has shape {rec.shape}, expected (H, 4H)")
     H = rec.shape[0]
     if kernel.ndim != 2 or kernel.shape[1] != 4 * H:
-        raise ValueError(f"kernel has shape {kernel.shape}, expected (D, {4 * H}) to match recurrent_kernel {rec.shape}")
+        raise ValueError(
+            f"kernel has shape {kernel.shape}, expected (D, {4 * H}) to match recurrent_kernel {rec.shape}"
+        )
     if len(arrays) == 3:
         bias = _np(arrays[2], "bias")
         _check_shape(bias, "bias", (4 * H,), f"to match recurrent_kernel {rec.shape}")
