@@ -78,8 +78,11 @@ def _np(a: Any, name: str) -> np.ndarray:
         if str(a.dtype) == "torch.bfloat16":
             return np.asarray(jnp.asarray(a.float().numpy(), jnp.bfloat16))
         return a.numpy()
-    if not isinstance(a, (np.ndarray, jax.Array)) and hasattr(a, "value"):  # flax nnx Variable
-        a = a.value
+    if not isinstance(a, (np.ndarray, jax.Array)):  # flax nnx Variable
+        if hasattr(a, "get_value"):
+            a = a.get_value()
+        elif hasattr(a, "value"):
+            a = a.value
     return np.asarray(a)
 
 
@@ -168,7 +171,7 @@ def from_torch(state_dict, *, prefix: str = "", dtype=None) -> StackParams:
             f"torch.nn.LSTM with proj_size > 0 is not supported (found {', '.join(proj)}): "
             "this LSTM has no projection of h_t"
         )
-    layers = sorted({int(n) for kind, n, _ in found if kind == "weight_ih"})
+    layers = sorted({int(n) for _, n, _ in found})
     if not layers:
         raise KeyError(f"{prefix}weight_ih_l0 not found: not a torch.nn.LSTM state dict (keys: {sorted(sd)[:8]})")
     num_layers = layers[-1] + 1
@@ -377,8 +380,6 @@ _FLAX_GATES = "ifgo"
 
 
 def _flax_tree(variables) -> Mapping:
-    if hasattr(variables, "to_pure_dict"):  # flax.nnx.State
-        variables = variables.to_pure_dict()
     if not isinstance(variables, Mapping):
         raise TypeError(f"flax variables must be a mapping, got {type(variables).__name__}")
     if "params" in variables and isinstance(variables["params"], Mapping):
@@ -402,8 +403,8 @@ def from_flax(variables, *, dtype=None) -> LSTMParams:
     Flax's carry is ``(c, h)``; ours is ``LSTMState(h, c)``.
 
     Args:
-      variables: ``cell.init(...)`` (with or without the ``"params"`` level), or
-        ``nnx.state(cell)``.
+      variables: ``cell.init(...)`` (with or without the ``"params"`` level),
+        ``nnx.state(cell)`` or ``nnx.to_pure_dict(nnx.state(cell))``.
       dtype: dtype of the result; default: the source dtype.
 
     Returns:
