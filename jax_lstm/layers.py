@@ -14,7 +14,7 @@ layer ``params[l][1]`` is the reverse direction. Layer ``l`` has input size
 ``(T, B, H_l)``, or ``(T, B, 2 * H_l)`` when bidirectional (forward half
 first), and that is ``D_{l+1}``.
 
-A layer ``l`` computes, with ``m`` the dropout mask of the layer below::
+Layer ``l`` computes (``dropout`` is inverted dropout with its own mask per layer)::
 
     x^0 = xs
     fwd_l = lstm(params[l][0], x^l, states0[l][0], seq_lengths=seq_lengths)
@@ -245,7 +245,9 @@ def lstm_stack(
         enters the next layer (inverted dropout: kept elements are scaled by
         1 / (1 - dropout)); never applied to the last layer's output. A Python
         float in [0, 1); pass 0.0 at evaluation.
-      key: PRNG key for the dropout masks; required when dropout > 0.
+      key: PRNG key for the dropout masks; required when dropout > 0. The
+        mask after layer l is ``bernoulli(split(key, L - 1)[l], 1 - dropout)``,
+        one independent draw per element of the (T, B, D_{l+1}) output.
       unroll: passed to every ``lax.scan``.
       impl: "manual" (``lstm``, hand-written BPTT) or "ref" (``lstm_ref``,
         autodiff through ``lax.scan``).
