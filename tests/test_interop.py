@@ -150,6 +150,7 @@ def test_torch_round_trips(torch):
     sd64 = to_torch(p64)
     assert sd64["weight_ih_l1"].dtype == torch.float64 and tuple(sd64["weight_ih_l1"].shape) == (4 * H, 2 * H)
     assert rel_err(from_torch(sd64), p64) == 0.0
+    assert all(a.dtype == jnp.float64 for a in jax.tree.leaves(from_torch(sd, dtype=jnp.float64)))
     # the module itself, a prefixed submodule, numpy values; states both ways
     assert rel_err(from_torch(m), params) == 0.0
     prefixed = {"encoder.rnn." + k: _np(v) for k, v in sd.items()} | {"head.weight": np.zeros(3)}
