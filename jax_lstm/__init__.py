@@ -2,12 +2,16 @@
 
 from jax_lstm.bptt import lstm
 from jax_lstm.cell import LSTMParams, LSTMState, init_params, lstm_cell, zeros_state
+from jax_lstm.layers import gate_trace_stack, init_stack, lstm_stack
 from jax_lstm.reference import LSTMTrace, lstm_ref, lstm_trace
 
 __all__ = [
     "LSTMParams",
     "LSTMState",
     "LSTMTrace",
+    "gate_trace_stack",
+    "init_stack",
+    "lstm_stack",
     "init_params",
     "lstm",
     "lstm_cell",
