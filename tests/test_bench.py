@@ -65,6 +65,17 @@ def test_summarize_takes_each_implementation_at_its_best_unroll():
     assert t["peak_fraction"]["value"] == pytest.approx(0.2) and t["peak_fraction"]["met"] is False
 
 
+def test_best_unroll_is_the_smallest_within_the_tolerance():
+    records = [_record("manual", 1, 10.0), _record("manual", 2, 9.8), _record("manual", 4, 12.0)]
+    records.append(_record("torch", None, 5.0))
+    bench.mark_best(records, tol=0.03)
+    assert [r["best"] for r in records] == [True, False, False, True]
+    bench.mark_best(records, tol=0.0)
+    assert [r["best"] for r in records] == [False, True, False, True]
+    s = bench.summarize([dict(shape=[1, 1, 1, 1], records=records)], peak_gflops=1.0, memory=None)
+    assert s["per_shape"][0]["manual_unroll"] == 2
+
+
 def test_quick_run_writes_table_json_and_png(tmp_path, capsys):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     rc = bench.main(["--quick", "--seconds", "1", "--json", str(out_json), "--plot", str(out_png)])
