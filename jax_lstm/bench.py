@@ -475,54 +475,71 @@ def render_table(report: dict) -> str:
 
 
 def plot(report: dict, path: str) -> None:
-    """A PNG: train-step and forward time per shape and implementation, and temp memory."""
+    """A PNG: per shape, train-step and forward speed relative to autodiff, and temp memory.
+
+    Speed is ``t_autodiff / t_impl`` at each one's best unroll (autodiff = 1,
+    higher is faster), with each bar labelled by its median time in ms;
+    memory is the compiled temp memory relative to autodiff's.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results = report["results"]
-    impls = [
-        k for k in ("manual", "autodiff", "flax", "torch") if any(r["impl"] == k for x in results for r in x["records"])
-    ]
-    impls += sorted({r["impl"] for x in results for r in x["records"]} - set(impls))
+    present = {r["impl"] for x in results for r in x["records"]}
+    impls = [k for k in ("manual", "autodiff", "flax", "torch") if k in present] + sorted(
+        present - {"manual", "autodiff", "flax", "torch"}
+    )
     colors = {"manual": "tab:blue", "autodiff": "tab:orange", "flax": "tab:green", "torch": "tab:red"}
     labels = [",".join(map(str, x["shape"])) for x in results]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    width = 0.8 / max(len(impls), 1)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
     xs = np.arange(len(results))
-    for ax, key, title in ((axes[0], "train_ms", "train step (fwd + bwd)"), (axes[1], "fwd_ms", "forward only")):
-        for j, impl in enumerate(impls):
-            vals = [(_best(x["records"], impl) or {}).get(key, np.nan) for x in results]
-            ax.bar(xs + (j - (len(impls) - 1) / 2) * width, vals, width, label=impl, color=colors.get(impl))
-        ax.set_yscale("log")
+
+    def bars(ax, key, impl_list, relative_to_autodiff_time, floor=0.0):
+        width = 0.8 / max(len(impl_list), 1)
+        top = floor
+        for j, impl in enumerate(impl_list):
+            vals, texts = [], []
+            for x in results:
+                r, a = _best(x["records"], impl), _best(x["records"], "autodiff")
+                v = r.get(key) if r else None
+                base = a.get(key) if a else None
+                if v and base:
+                    vals.append(base / v if relative_to_autodiff_time else v / base)
+                    texts.append(f"{v:.3g}" if relative_to_autodiff_time else f"{v / 2**20:.3g}")
+                else:
+                    vals.append(np.nan)
+                    texts.append("")
+            pos = xs + (j - (len(impl_list) - 1) / 2) * width
+            ax.bar(pos, vals, width, label=impl, color=colors.get(impl))
+            top = max([top] + [v for v in vals if np.isfinite(v)])
+            for p_, v, t in zip(pos, vals, texts, strict=True):
+                if np.isfinite(v):
+                    ax.text(p_, v, t, ha="center", va="bottom", fontsize=7, rotation=90)
         ax.set_xticks(xs, labels, rotation=15)
-        ax.set_ylabel("ms (median, log scale)")
-        ax.set_title(f"{title}, float32; T,B,D,H")
-        ax.grid(axis="y", alpha=0.3, which="both")
-    axes[0].legend()
-    ax = axes[2]
-    mem_impls = [k for k in impls if k not in ("torch",)]
-    for j, impl in enumerate(mem_impls):
-        vals = [((_best(x["records"], impl) or {}).get("temp_bytes") or np.nan) / 2**20 for x in results]
-        ax.bar(
-            xs + (j - (len(mem_impls) - 1) / 2) * 0.8 / len(mem_impls),
-            vals,
-            0.8 / len(mem_impls),
-            label=impl,
-            color=colors.get(impl),
-        )
-    ax.set_yscale("log")
-    ax.set_xticks(xs, labels, rotation=15)
-    ax.set_ylabel("MiB (log scale)")
-    ax.set_title("compiled temp memory of the train step")
-    ax.grid(axis="y", alpha=0.3, which="both")
-    ax.legend()
+        ax.set_xlabel("T,B,D,H")
+        ax.set_ylim(0, 1.35 * top)
+        ax.grid(axis="y", alpha=0.3)
+
+    bars(axes[0], "train_ms", impls, True, floor=TARGETS["speedup_vs_autodiff"])
+    axes[0].axhline(TARGETS["speedup_vs_autodiff"], color="tab:blue", ls="--", lw=1, label="target (manual)")
+    axes[0].set_title("train step (fwd + bwd): speed vs autodiff, labels: ms")
+    axes[0].set_ylabel("t_autodiff / t (higher is faster)")
+    axes[0].legend(fontsize=8, ncol=3, loc="upper left")
+    bars(axes[1], "fwd_ms", impls, True)
+    axes[1].set_title("forward only: speed vs autodiff, labels: ms")
+    axes[1].set_ylabel("t_autodiff / t (higher is faster)")
+    bars(axes[2], "temp_bytes", [k for k in impls if k != "torch"], False)
+    axes[2].axhline(TARGETS["memory_ratio"], color="tab:blue", ls="--", lw=1, label="target (manual)")
+    axes[2].set_title("compiled temp memory of the train step, labels: MiB")
+    axes[2].set_ylabel("relative to autodiff (lower is less)")
+    axes[2].legend(fontsize=8, ncol=3, loc="upper left")
     g = report["summary"]["geomean"]
     fig.suptitle(
-        f"jax_lstm on {report['machine']['cpu_count']} CPU cores, peak {report['peak_gflops']:.0f} GFLOP/s; "
-        f"geo-mean train speed-up manual vs autodiff {_fmt(g['speedup_vs_autodiff'], '.2f')}x, "
-        f"manual/torch time {_fmt(g['time_ratio_vs_torch'], '.2f')}"
+        f"jax_lstm, float32, {report['machine']['cpu_count']} CPU cores, matmul peak {report['peak_gflops']:.0f} "
+        f"GFLOP/s; geo-mean train speed-up manual vs autodiff {_fmt(g['speedup_vs_autodiff'], '.2f')}x, "
+        f"manual / torch.nn.LSTM time {_fmt(g['time_ratio_vs_torch'], '.2f')}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
