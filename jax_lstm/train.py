@@ -83,6 +83,7 @@ FIXED_FIELDS = (
     "warmup",
     "decay_steps",
     "clip",
+    "dropout",
     "dtype",
 )
 
@@ -110,6 +111,7 @@ class TrainConfig:
       decay_steps: length of the cosine schedule; defaults to ``steps`` of the
         first run and is kept when the run is resumed with more steps.
       clip: clip gradients to this global norm (0 disables).
+      dropout: dropout rate on the LSTM outputs during training (charlm); 0 disables.
       dtype: ``float32`` or ``float64`` for params and activations.
       grad: ``manual`` (``lstm``, hand-written BPTT) or ``autodiff`` (``lstm_ref``).
       log_every: evaluate, log and checkpoint every this many steps (and at the end).
@@ -130,6 +132,7 @@ class TrainConfig:
     warmup: int | None = None
     decay_steps: int | None = None
     clip: float | None = None
+    dropout: float | None = None
     dtype: str | None = None
     grad: str | None = None
     log_every: int | None = None
@@ -140,7 +143,15 @@ class TrainConfig:
         values = dataclasses.asdict(self)
         values["task"] = values["task"] or DEFAULT_TASK
         task = get_task(values["task"])
-        generic = {"seed": 0, "optimizer": "adam", "dtype": "float32", "grad": "manual", "warmup": 0, "clip": 1.0}
+        generic = {
+            "seed": 0,
+            "optimizer": "adam",
+            "dtype": "float32",
+            "grad": "manual",
+            "warmup": 0,
+            "clip": 1.0,
+            "dropout": 0.0,
+        }
         for k, v in {**generic, **task.defaults}.items():
             if values.get(k) is None:
                 values[k] = v
@@ -166,6 +177,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip >= 0):
             raise ValueError(f"clip must be a non-negative number, got {self.clip!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.time_limit is not None and not self.time_limit >= 0:
             raise ValueError(f"time_limit must be a non-negative number of seconds, got {self.time_limit!r}")
         for name, allowed in (
@@ -458,6 +471,7 @@ def summary_table(result: TrainResult, task: Task, n_params: int) -> str:
             "model",
             f"LSTM H={cfg.hidden}"
             + (f", embedding {cfg.embed}" if cfg.task == "charlm" else "")
+            + (f", dropout {cfg.dropout:g}" if cfg.dropout else "")
             + f", {n_params:,} parameters, {cfg.dtype}, grad {cfg.grad}",
         ),
         ("steps", f"{result.state.step} of {cfg.steps} (batch {cfg.batch_size} x {cfg.seq_len})"),
@@ -874,6 +888,16 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _rate(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return v
+
+
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
     """Parse, turning argparse's exit into a return code (2 for errors, 0 for --help)."""
     try:
@@ -922,6 +946,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=SCHEDULES, help="constant or warm-up + cosine decay to lr/10")
     p.add_argument("--warmup", type=_nonneg_int, help="warm-up steps")
     p.add_argument("--clip", type=_nonneg_float, help="clip gradients to this global norm (0: off)")
+    p.add_argument("--dropout", type=_rate, help="dropout rate on the LSTM outputs in training (charlm default 0.2)")
     p.add_argument("--dtype", choices=DTYPES, help="default float32")
     p.add_argument("--log-every", type=_positive_int, help="evaluate, log and checkpoint every N steps")
     p.add_argument(
@@ -960,6 +985,7 @@ def main_train(argv: Sequence[str]) -> int:
         schedule=args.schedule,
         warmup=args.warmup,
         clip=args.clip,
+        dropout=args.dropout,
         dtype=args.dtype,
         grad=args.grad,
         log_every=args.log_every,

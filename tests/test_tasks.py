@@ -43,8 +43,12 @@ def test_charlm_corpus_and_split(char_data):
     assert text == "".join(topics[k] for k in sorted(topics)) and len(text) > 100_000
     d = char_data
     assert d.vocab == "".join(sorted(set(text)))
-    assert len(d.train) + len(d.val) == len(text) and len(d.val) == int(len(text) * charlm.VAL_FRACTION)
-    assert charlm.decode(d.val[:50], d.vocab) == text[len(d.train) : len(d.train) + 50]  # val follows train
+    assert len(d.train) + len(d.val) == len(text) and 0.08 < len(d.val) / len(text) < 0.11
+    B = charlm.BLOCK  # blocks 9, 19, ... are validation, in order; the others are training
+    assert charlm.decode(d.val[:B], d.vocab) == text[9 * B : 10 * B]
+    assert charlm.decode(d.val[B : 2 * B], d.vocab) == text[19 * B : 20 * B]
+    assert charlm.decode(d.train[: 9 * B], d.vocab) == text[: 9 * B]
+    assert charlm.decode(d.train[9 * B : 10 * B], d.vocab) == text[10 * B : 11 * B]
     again = charlm.TASK.setup(_cfg("charlm"))
     np.testing.assert_array_equal(again.val, d.val)
     np.testing.assert_array_equal(again.streams, d.streams)
@@ -52,13 +56,13 @@ def test_charlm_corpus_and_split(char_data):
 
 def test_charlm_windows_continue_each_stream(char_data):
     cfg, d = _cfg("charlm"), char_data
-    b0 = charlm.TASK.train_batch(d, cfg, 0, None)
-    b1 = charlm.TASK.train_batch(d, cfg, 1, None)
+    b0 = charlm.TASK.train_batch(d, cfg, 0, jax.random.PRNGKey(0))
+    b1 = charlm.TASK.train_batch(d, cfg, 1, jax.random.PRNGKey(0))
     assert b0["x"].shape == b0["y"].shape == (4, 12) and b0["x"].dtype == np.int32
     np.testing.assert_array_equal(b0["y"][:, :-1], b0["x"][:, 1:])  # next-character targets
     np.testing.assert_array_equal(b1["x"][:, 0], b0["y"][:, -1])  # window 1 continues window 0
     assert b0["reset"].all() and not b1["reset"].any()
-    wrap = charlm.TASK.train_batch(d, cfg, d.n_windows, None)  # the walk starts over: state reset
+    wrap = charlm.TASK.train_batch(d, cfg, d.n_windows, jax.random.PRNGKey(0))  # the walk starts over: state reset
     assert wrap["reset"].all()
     np.testing.assert_array_equal(wrap["x"], b0["x"])
 
@@ -75,7 +79,7 @@ def test_charlm_unigram_baseline(char_data):
 def test_charlm_untrained_loss_near_uniform(char_data):
     cfg, d = _cfg("charlm"), char_data
     params = charlm.TASK.init_params(jax.random.PRNGKey(0), cfg, d)
-    batch = charlm.TASK.train_batch(d, cfg, 0, None)
+    batch = charlm.TASK.train_batch(d, cfg, 0, jax.random.PRNGKey(0))
     z = jnp.ones((4, 8), jnp.float64)
     loss, aux = charlm.TASK.loss(params, {**batch, "h0": z, "c0": z}, lstm)
     assert abs(float(loss) - math.log2(len(d.vocab))) < 1.0

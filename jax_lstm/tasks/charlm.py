@@ -1,9 +1,11 @@
 """``charlm``: a character-level language model on the text of ``pydoc_data.topics``.
 
 The corpus ships with Python: the values of ``pydoc_data.topics.topics``
-joined in sorted key order (about 465k characters). The first 90% is the
-training split, the last 10% the validation split. The vocabulary is every
-character of the corpus, sorted.
+joined in sorted key order (about 465k characters). The text is cut into
+blocks of 8192 characters; every tenth block (blocks 9, 19, 29, ...) goes to
+the validation split, the rest, in order, to the training split. (Topics are
+sorted by name, so a plain "last 10%" would hold only the pages on built-in
+types.) The vocabulary is every character of the corpus, sorted.
 
 Training walks through the training text as ``batch_size`` parallel streams
 (the text cut into that many contiguous pieces), one window of ``seq_len``
@@ -11,7 +13,8 @@ characters per step; the LSTM state is carried from one window to the next
 and reset when the walk starts over (truncated BPTT). The data position is
 therefore the step index.
 
-Model: an embedding (V, E) -> LSTM -> dense head (H, V). Loss and metric:
+Model: an embedding (V, E) -> LSTM -> dropout (training only, rate
+``config.dropout``) -> dense head (H, V). Loss and metric:
 cross-entropy in bits per character; the unigram baseline is the
 cross-entropy of the training split's character frequencies (add-one
 smoothed) on the validation split.
@@ -35,7 +38,8 @@ from jax_lstm.tasks.base import LSTMFn, Task, dense, init_model, run_lstm
 
 __all__ = ["CharLM", "TASK", "corpus", "CharData", "sample"]
 
-VAL_FRACTION = 0.1
+BLOCK = 8192  # characters per block of the train/validation split
+VAL_EVERY = 10  # every tenth block is validation
 VAL_STREAMS = 32  # the validation text is scored as this many contiguous streams
 LN2 = math.log(2.0)
 
@@ -73,6 +77,20 @@ def decode(ids, vocab: str) -> str:
     return "".join(vocab[int(i)] for i in np.asarray(ids).ravel())
 
 
+def split(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val): every ``VAL_EVERY``-th block of ``BLOCK`` characters is validation."""
+    block = np.arange(len(ids)) // BLOCK
+    is_val = block % VAL_EVERY == VAL_EVERY - 1
+    return ids[~is_val], ids[is_val]
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def dropout_mask(key: jax.Array, shape: tuple[int, ...], rate: float, dtype) -> jax.Array:
+    """Inverted-dropout multipliers of ``shape``: 0 with probability ``rate``, else 1 / (1 - rate)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+    return keep.astype(dtype) / jnp.asarray(1.0 - rate, dtype)
+
+
 class CharLM(Task):
     name = "charlm"
     metric = "val_bpc"
@@ -81,7 +99,7 @@ class CharLM(Task):
     carries_state = True
     loss_is_metric = True
     defaults = {
-        "steps": 2000,
+        "steps": 5000,
         "batch_size": 32,
         "seq_len": 100,
         "hidden": 256,
@@ -90,6 +108,8 @@ class CharLM(Task):
         "schedule": "cosine",
         "warmup": 100,
         "clip": 1.0,
+        "dropout": 0.2,
+        "time_limit": 480.0,
     }
 
     def setup(self, config, info=None) -> CharData:
@@ -103,8 +123,7 @@ class CharLM(Task):
         text = corpus()
         vocab = "".join(sorted(set(text))) if info is None else info["vocab"]
         ids = encode(text, vocab)
-        n_val = int(len(ids) * VAL_FRACTION)
-        train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+        train, val = split(ids)
         B, T = int(config.batch_size), int(config.seq_len)
         L = len(train) // B
         n_windows = (L - 1) // T
@@ -126,24 +145,34 @@ class CharLM(Task):
         return params
 
     def train_batch(self, data: CharData, config, step: int, key) -> dict:
-        """Window ``step mod n_windows`` of every stream; ``reset`` is True at the first window."""
+        """Window ``step mod n_windows`` of every stream; ``reset`` is True at the first window.
+
+        With ``config.dropout`` > 0 the batch also holds ``drop`` (B, T, H), the
+        dropout multipliers of the LSTM outputs, drawn from ``key``.
+        """
         T = int(config.seq_len)
         w = int(step) % data.n_windows
         chunk = data.streams[:, w * T : (w + 1) * T + 1]
         B = chunk.shape[0]
-        return {"x": chunk[:, :-1], "y": chunk[:, 1:], "reset": np.full((B,), w == 0)}
+        batch = {"x": chunk[:, :-1], "y": chunk[:, 1:], "reset": np.full((B,), w == 0)}
+        rate = float(getattr(config, "dropout", 0.0) or 0.0)
+        if rate > 0:
+            batch["drop"] = dropout_mask(key, (B, T, int(config.hidden)), rate, jnp.dtype(config.dtype))
+        return batch
 
-    def logits(self, params, x_bm: jax.Array, state0: LSTMState | None, lstm_fn: LSTMFn):
-        """x_bm: (B, T) ids -> logits (T, B, V) and the final state."""
+    def logits(self, params, x_bm: jax.Array, state0: LSTMState | None, lstm_fn: LSTMFn, drop=None):
+        """x_bm: (B, T) ids -> logits (T, B, V) and the final state; ``drop``: (B, T, H) or None."""
         xs = params["embed"][x_bm]  # (B, T, E)
         hs, final = run_lstm(lstm_fn, params["lstm"], xs, state0)
+        if drop is not None:
+            hs = hs * jnp.swapaxes(drop, 0, 1)
         return dense(params["head"], hs), final
 
     def loss(self, params, batch, lstm_fn):
         keep = jnp.logical_not(batch["reset"])[:, None]
         h0 = jnp.where(keep, batch["h0"], jnp.zeros_like(batch["h0"]))
         c0 = jnp.where(keep, batch["c0"], jnp.zeros_like(batch["c0"]))
-        logits, final = self.logits(params, batch["x"], LSTMState(h0, c0), lstm_fn)
+        logits, final = self.logits(params, batch["x"], LSTMState(h0, c0), lstm_fn, batch.get("drop"))
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.swapaxes(batch["y"], 0, 1))
         return jnp.mean(ce) / LN2, {"carry": jax.tree.map(jax.lax.stop_gradient, final)}
 

@@ -56,7 +56,7 @@ class Sine(Task):
     carries_state = False
     loss_is_metric = True
     defaults = {
-        "steps": 1500,
+        "steps": 3000,
         "batch_size": 32,
         "seq_len": 50,
         "hidden": 32,
