@@ -149,8 +149,8 @@ def test_task_gradient_manual_equals_autodiff(name):
         k1, k2 = jax.random.split(jax.random.PRNGKey(3))
         s = LSTMState(jax.random.normal(k1, (4, 8), jnp.float64), jax.random.normal(k2, (4, 8), jnp.float64))
         batch.update(h0=s.h, c0=s.c)
-    (l_m, _), g_m = jax.value_and_grad(lambda p: task.loss(p, batch, lstm), has_aux=True)(params)
-    (l_r, _), g_r = jax.value_and_grad(lambda p: task.loss(p, batch, lstm_ref), has_aux=True)(params)
+    (l_m, _), g_m = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, lstm), has_aux=True))(params)
+    (l_r, _), g_r = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, lstm_ref), has_aux=True))(params)
     assert abs(float(l_m) - float(l_r)) <= 1e-12 * abs(float(l_r))
     for a, b in zip(jax.tree.leaves(g_m), jax.tree.leaves(g_r), strict=True):
         a, b = np.asarray(a), np.asarray(b)

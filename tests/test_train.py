@@ -198,3 +198,25 @@ def test_optimizer_schedule_and_clipping():
 def test_float32_run_keeps_float32_under_x64(tmp_path):
     result = train(TrainConfig(task="sine", batch_size=4, seq_len=6, hidden=4, steps=3), progress="none")
     assert {np.asarray(a).dtype for a in jax.tree.leaves(result.state.params)} == {np.dtype("float32")}
+
+
+def test_progress_bar_rewrites_one_line_on_a_terminal():
+    import io
+
+    from jax_lstm.train import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    bar = Progress(total=10, start=0, metric="val_bpc", stream=out)
+    for step in range(1, 11):
+        bar.update(step, 2.0 / step, 1.5 if step >= 5 else None, logged=step % 5 == 0)
+    bar.close()
+    text = out.getvalue()
+    assert bar.mode == "bar" and text.count("\n") == 1 and text.endswith("\n")
+    last = text.rstrip("\n").split("\r")[-1]
+    assert last.startswith("10/10 [####################] 100% | loss 0.2000 | val_bpc 1.5000 |")
+    assert "steps/s | ETA 0:00" in last
+    assert Progress(10, 0, "m", stream=io.StringIO()).mode == "lines"  # not a terminal: one line per log step
