@@ -14,8 +14,9 @@ callbacks, appends to the metrics file and writes a checkpoint at every log
 step. A checkpoint holds the params, the optimizer state, the PRNG key and
 the carried LSTM state; the data position is the step index, so resuming
 reproduces an uninterrupted run exactly. Ctrl-C finishes the current step,
-writes a checkpoint and returns; a NaN or infinite loss stops the run and
-leaves the last checkpoint (written before the bad step) in place.
+writes a checkpoint and returns (a second Ctrl-C stops at once and keeps the
+last checkpoint); a NaN or infinite loss, or validation loss, stops the run
+and leaves the last checkpoint (written before the bad step) in place.
 """
 
 from __future__ import annotations
@@ -747,7 +748,7 @@ def train(
     losses: list[float] = []
     window: list[tuple[float, float]] = []
     last_metric = records[-1].get(task.metric) if records else None
-    stop, message = "done", ""
+    stop, message, hard = "done", "", False
 
     def current() -> TrainState:
         return TrainState(step, params, opt_state, key, carry)
@@ -819,19 +820,15 @@ def train(
                     if left is not None and left <= 0:
                         stop, message = "time_limit", f"time limit of {config.time_limit:g} s reached at step {step}"
                         break
-            except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread
-                stop, message = "interrupted", f"interrupted at step {step}"
+            except KeyboardInterrupt:  # a second Ctrl-C: the state may be half-updated, so it is not saved
+                stop, message, hard = "interrupted", f"interrupted during step {step + 1}", True
         bar.close()
         if stop == "time_limit" and (not records or records[-1]["step"] != step):
             why = log()
             if why and why.startswith("nan"):
                 stop, message = "nan", nan_message(why[5:], step)
-        elif stop == "interrupted" and last_saved != step:
-            leaves = jax.tree.leaves(current().arrays())
-            if any(getattr(a, "is_deleted", lambda: False)() for a in leaves):
-                message += f"; the step was cut short, the last checkpoint (step {last_saved}) is kept"
-            else:
-                save(current())
+        elif stop == "interrupted" and last_saved != step and not hard:
+            save(current())
         if stop == "interrupted" and ckpt_path is not None and last_saved is not None:
             message += f"; checkpoint at step {last_saved} in {ckpt_path}, continue with --resume"
         if plot and out_dir is not None and records:
@@ -956,7 +953,11 @@ def train_parser() -> argparse.ArgumentParser:
         help="stop (with a checkpoint) after this many seconds; 0: no limit (charlm default 480, a safety cap)",
     )
     p.add_argument("--progress", choices=PROGRESS_MODES, default="auto", help="progress display on stderr")
-    p.add_argument("--no-sample", action="store_true", help="charlm: do not print a sample at the end")
+    p.add_argument(
+        "--no-sample",
+        action="store_true",
+        help="do not print the text sample (charlm) or example sums (addition) at the end",
+    )
     dp = p.add_argument_group("data parallel (jax.sharding; see README, Scale out)")
     dp.add_argument("--devices", type=_positive_int, help="split each batch over the first N devices")
     dp.add_argument("--coordinator", metavar="HOST:PORT", help="jax.distributed coordinator (process 0's address)")
