@@ -1,7 +1,8 @@
 """``jax-lstm bench``: the hand-written BPTT against autodiff, Flax and PyTorch.
 
-For each shape (T, B, D, H) it times, in one interleaved run (round-robin over
-the implementations at every repetition, medians after warm-up):
+For each shape (T, B, D, H) it times, in one interleaved run (every repetition
+visits every implementation once, in shuffled order, each call preceded by an
+untimed one; medians after warm-up):
 
 * ``lstm`` (hand-written BPTT, "manual") and ``lstm_ref`` (``jax.grad`` of a
   ``lax.scan``, "autodiff"), each at every ``unroll`` asked for; the table
@@ -33,6 +34,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -244,10 +246,13 @@ def bench_shape(
 ) -> list[dict]:
     """Time every variant, interleaved, and return one record per variant.
 
-    Each repetition runs every variant's forward and then every variant's
-    train step, in an order rotated by one at each repetition. ``reps`` (or,
-    if None, as many as fit in ``seconds``, within [min_reps, max_reps])
-    repetitions follow ``warmup`` untimed ones.
+    Each repetition visits every variant once, in a freshly shuffled order
+    (seeded), and runs its forward, then its train step, each first untimed
+    and then timed: the untimed call absorbs what the previous variant left
+    behind (torch's OpenMP threads spin for milliseconds after a call; caches
+    hold the other variant's data), so no variant pays for its neighbour.
+    ``reps`` (or, if None, as many as fit in ``seconds``, within
+    [min_reps, max_reps]) repetitions follow ``warmup`` untimed ones.
     """
     fwd_t: dict[str, list[float]] = {v.name: [] for v in variants}
     train_t: dict[str, list[float]] = {v.name: [] for v in variants}
@@ -256,16 +261,20 @@ def bench_shape(
         t0 = time.perf_counter()
         for v in variants:
             v.fwd()
+            v.fwd()
+            v.train()
             v.train()
         t_round = time.perf_counter() - t0
     if reps is None:
         reps = int(min(max_reps, max(min_reps, seconds // max(t_round, 1e-9))))
-    n = len(variants)
-    for r in range(reps):
-        order = [variants[(k + r) % n] for k in range(n)]
+    rng = random.Random(0)
+    order = list(variants)
+    for _ in range(reps):
+        rng.shuffle(order)
         for v in order:
+            v.fwd()
             fwd_t[v.name].append(_time(v.fwd))
-        for v in order:
+            v.train()
             train_t[v.name].append(_time(v.train))
     f_fwd, f_train = matmul_flops(shape)
     out = []
