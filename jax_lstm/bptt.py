@@ -149,7 +149,7 @@ def _forward(W, U, b, xs, h0, c0, mask, reverse, unroll, save):
     # back into that same row, so they need no (T, B, 4H) buffer of their own.
     def body(k, carry):
         h, c, buf, dcdh_f, hs = carry
-        t = T - 1 - k if reverse else k
+        t = (T - 1 - k if reverse else k).astype(jnp.uint32)  # unsigned: no wrap-around of negative indices
         m_t = None if mask is None else jax.lax.dynamic_index_in_dim(mask, t, keepdims=False)
         xp_t = jax.lax.dynamic_slice_in_dim(buf, t, 1)[0]
         h, c, out, (coef, df) = cell(h, c, xp_t, m_t)
@@ -198,7 +198,7 @@ def _lstm_bwd(reverse, unroll, res, cts):
 
     def body(k, carry):
         dh_next, dc_next, buf = carry  # seed δ2 (future hidden state) and δ4 (future cell)
-        t = k if reverse else T - 1 - k
+        t = (k if reverse else T - 1 - k).astype(jnp.uint32)
         row = lambda a: jax.lax.dynamic_slice_in_dim(a, t, 1)[0]  # noqa: E731
         dh_out, coef_t, df = row(dhs), row(buf), row(dcdh_f)
         dcdh, f = df[:, :H], df[:, H:]
