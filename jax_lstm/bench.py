@@ -575,10 +575,18 @@ def _ints(s: str) -> list[int]:
     return v
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
 def _machine() -> dict:
     return dict(
         platform=platform.platform(),
-        processor=platform.processor(),
+        processor=_cpu_model(),
         cpu_count=os.cpu_count(),
         jax=jax.__version__,
         backend=jax.default_backend(),
