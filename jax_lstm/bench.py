@@ -147,15 +147,20 @@ def jax_variant(fn: Callable, shape: Shape, unroll: int, impl: str, seed: int = 
         hs, (h, c) = fn(p_, xs_, unroll=unroll)
         return jnp.sum(hs * w) + jnp.sum(h * w2) + jnp.sum(c * w3)
 
+    return _compiled_variant(impl, unroll, loss, lambda p_, xs_: fn(p_, xs_, unroll=unroll), p, xs, ws)
+
+
+def _compiled_variant(name: str, unroll: int | None, loss: Callable, forward: Callable, params, xs, ws) -> Variant:
+    """Compile ``forward(params, xs)`` and the train step ``grad(loss)(params, xs, *ws)`` (timing the latter)."""
     t0 = time.perf_counter()
-    train = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(p, xs, *ws).compile()
+    train = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs, *ws).compile()
     compile_s = time.perf_counter() - t0
-    fwd = jax.jit(lambda p_, xs_: fn(p_, xs_, unroll=unroll)).lower(p, xs).compile()
+    fwd = jax.jit(forward).lower(params, xs).compile()
     return Variant(
-        impl,
+        name,
         unroll,
-        fwd=lambda: _block(fwd(p, xs)),
-        train=lambda: _block(train(p, xs, *ws)),
+        fwd=lambda: _block(fwd(params, xs)),
+        train=lambda: _block(train(params, xs, *ws)),
         compile_s=compile_s,
         temp_bytes=temp_bytes(train),
     )
@@ -177,18 +182,7 @@ def flax_variant(shape: Shape, seed: int = 0) -> Variant | None:
         (c, h), hs = model.apply(v, xs_)
         return jnp.sum(hs * w) + jnp.sum(h * w2) + jnp.sum(c * w3)
 
-    t0 = time.perf_counter()
-    train = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables, xs, *ws).compile()
-    compile_s = time.perf_counter() - t0
-    fwd = jax.jit(model.apply).lower(variables, xs).compile()
-    return Variant(
-        "flax",
-        None,
-        fwd=lambda: _block(fwd(variables, xs)),
-        train=lambda: _block(train(variables, xs, *ws)),
-        compile_s=compile_s,
-        temp_bytes=temp_bytes(train),
-    )
+    return _compiled_variant("flax", None, loss, model.apply, variables, xs, ws)
 
 
 def torch_variant(shape: Shape, seed: int = 0) -> Variant | None:
