@@ -26,9 +26,12 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
+import struct
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -149,37 +152,101 @@ def save(path: str | os.PathLike, tree, *, config: dict | None = None, meta: dic
     return path
 
 
-def _open(path: Path) -> zipfile.ZipFile:
+# What a damaged or foreign file can make the readers below raise: zipfile's own errors, and the ones its
+# parsing lets through when a bit of a header is flipped (an unknown compression method: NotImplementedError;
+# the "encrypted" flag: RuntimeError; a deflate flag on stored data: zlib.error; a broken extra field:
+# struct.error; a garbled name: UnicodeDecodeError, a ValueError), plus short reads (EOFError), I/O errors
+# and allocation failures. TypeError, AttributeError and NameError are left alone: they are programming errors.
+_READ_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    IndexError,
+    RuntimeError,
+    OverflowError,
+    MemoryError,
+    zlib.error,
+    struct.error,
+)
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Turn any failure to read ``path`` into one ``CheckpointError`` naming the file."""
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        yield
+    except CheckpointError:
+        raise
+    except _READ_ERRORS as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the library wrote
         raise CheckpointError(
-            f"{path} is not a readable jax_lstm checkpoint (truncated, corrupted or another kind of file): {e}"
+            f"{path} is not a readable jax_lstm checkpoint (truncated, corrupted or another kind of file): {reason}"
         ) from None
+
+
+def _check_header(header, path: Path) -> dict:
+    """The parsed header.json, checked to be what ``save`` writes before anything trusts its fields."""
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise CheckpointError(f"{path} is not a jax_lstm checkpoint (header format {found!r})")
+    if header.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {header.get('version')}, expected {VERSION}")
+    leaves = header.get("leaves")
+    ok = isinstance(leaves, list) and all(
+        isinstance(e, dict)
+        and isinstance(e.get("path"), str)
+        and isinstance(e.get("dtype"), str)
+        and isinstance(e.get("shape"), list)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in e["shape"])
+        for e in leaves
+    )
+    if not ok or not all(isinstance(header.get(k, {}), dict) for k in ("config", "meta")):
+        raise CheckpointError(f"{path} is corrupted: its header does not describe the arrays it holds")
+    return header
 
 
 def _read_header(z: zipfile.ZipFile, path: Path) -> dict:
     try:
-        header = json.loads(z.read(HEADER))
+        raw = z.read(HEADER)
     except KeyError:
         raise CheckpointError(f"{path} has no {HEADER}: not a jax_lstm checkpoint") from None
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise CheckpointError(f"{path} is corrupted: its header cannot be read ({e})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a jax_lstm checkpoint (header format {header.get('format')!r})")
-    if header.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {header.get('version')}, expected {VERSION}")
-    return header
+    return _check_header(json.loads(raw), path)
+
+
+def _read_leaf(raw: bytes, entry: dict, path: Path) -> np.ndarray:
+    """Parse one ``.npy`` member, checking its header against ``entry`` before allocating anything."""
+    f = io.BytesIO(raw)
+    version = np.lib.format.read_magic(f)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f"unsupported .npy version {version}")
+    shape, fortran, dtype = readers[version](f)
+    if list(shape) != entry["shape"] or dtype.str != entry["dtype"] or dtype.hasobject:
+        raise CheckpointError(
+            f"{path} is corrupted: leaf {entry['path']} has shape {shape} and dtype {dtype.str}, "
+            f"its header says {tuple(entry['shape'])} and {entry['dtype']}"
+        )
+    data = raw[f.tell() :]
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"leaf {entry['path']} holds {len(data)} bytes of data, its shape needs more or fewer")
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C").copy()
 
 
 def read_header(path: str | os.PathLike) -> dict:
-    """The header of a checkpoint (config, meta, leaves) without reading the arrays or checking them."""
+    """The header of a checkpoint (config, meta, leaves) without reading the arrays or checking them.
+
+    Raises:
+      CheckpointError: the file is missing, unreadable or not a checkpoint.
+    """
     path = Path(path)
-    with _open(path) as z:
+    with _reading(path), zipfile.ZipFile(path) as z:
         return _read_header(z, path)
 
 
@@ -191,29 +258,22 @@ def load(path: str | os.PathLike) -> tuple[dict, list[np.ndarray]]:
       the shape and dtype in the header and, all together, against the checksum.
 
     Raises:
-      CheckpointError: the file is missing, truncated, corrupted or not a checkpoint.
+      CheckpointError: the file is missing, truncated, corrupted or not a checkpoint:
+        every failure to read it, whatever the zip or ``.npy`` layer raised.
     """
     path = Path(path)
-    with _open(path) as z:
+    with _reading(path), zipfile.ZipFile(path) as z:
         header = _read_header(z, path)
         arrays = []
         for i, entry in enumerate(header["leaves"]):
             try:
-                with z.open(_leaf_name(i)) as m:
-                    a = np.lib.format.read_array(m, allow_pickle=False)
+                raw = z.read(_leaf_name(i))
             except KeyError:
                 msg = f"{path} is corrupted: leaf {entry['path']} ({_leaf_name(i)}) is missing"
                 raise CheckpointError(msg) from None
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-                raise CheckpointError(f"{path} is corrupted: leaf {entry['path']} cannot be read ({e})") from None
-            if list(a.shape) != entry["shape"] or a.dtype.str != entry["dtype"]:
-                raise CheckpointError(
-                    f"{path} is corrupted: leaf {entry['path']} has shape {a.shape} and dtype {a.dtype.str}, "
-                    f"its header says {tuple(entry['shape'])} and {entry['dtype']}"
-                )
-            arrays.append(a)
-    if _checksum(header, arrays) != header.get("sha256"):
-        raise CheckpointError(f"{path} is corrupted: its SHA-256 checksum does not match its contents")
+            arrays.append(_read_leaf(raw, entry, path))
+        if _checksum(header, arrays) != header.get("sha256"):
+            raise CheckpointError(f"{path} is corrupted: its SHA-256 checksum does not match its contents")
     return header, arrays
 
 

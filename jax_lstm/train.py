@@ -349,13 +349,13 @@ def load_run(path: str | os.PathLike, config: TrainConfig | None = None) -> Load
         _enable_x64_if(config.dtype)
         try:
             config = config.resolved()
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise checkpoint.CheckpointError(f"checkpoint {path} has an invalid config: {e}") from None
     task = get_task(config.task)
     info = header.get("meta", {}).get("info") or None
     try:
         data = task.setup(config, info=info)
-    except ValueError as e:
+    except (ValueError, TypeError, KeyError) as e:
         raise checkpoint.CheckpointError(f"checkpoint {path} does not fit the {task.name} data: {e}") from None
     if info and task.info(data) != info:
         print(
@@ -645,6 +645,11 @@ def train(
                 "A resumed run keeps its model, data and optimizer settings; only steps, grad, log_every "
                 "and time_limit may change"
             )
+        _enable_x64_if(saved.dtype)
+        try:
+            saved.resolved()
+        except (ValueError, TypeError) as e:
+            raise checkpoint.CheckpointError(f"checkpoint {ckpt} has an invalid config: {e}") from None
         merged = dataclasses.asdict(saved)
         for name in ("steps", "grad", "log_every", "time_limit"):
             if getattr(config, name) is not None:

@@ -169,6 +169,43 @@ def test_corrupted_checkpoint_is_rejected(charlm_run, tmp_path, capsys, command)
     assert _snapshot(out) == before
 
 
+def _damage_zip_directory(path: Path, field: int, bit: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[data.index(b"PK\x01\x02") + field] ^= 1 << bit  # a field of the first central-directory entry
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "sample"])
+@pytest.mark.parametrize("field, bit", [(10, 1), (8, 0)], ids=["compression-method", "encrypted-flag"])
+def test_damaged_zip_directory_is_one_line_and_exit_1(charlm_run, tmp_path, capsys, command, field, bit):
+    """Flips that make zipfile raise NotImplementedError or RuntimeError still end as one error line."""
+    out = _copy_run(charlm_run, tmp_path / "run")
+    _damage_zip_directory(out / "checkpoint.npz", field, bit)
+    before = _snapshot(out)
+    argv = {
+        "train": ["train", "--resume", "--out", str(out), "--steps", "20"],
+        "evaluate": ["evaluate", "--checkpoint", str(out)],
+        "sample": ["sample", "--checkpoint", str(out)],
+    }[command]
+    assert main(argv) == 1
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"jax-lstm {command}: error: "), cap.err
+    assert str(out / "checkpoint.npz") in lines[0] and "not a readable jax_lstm checkpoint" in lines[0]
+    assert cap.out == ""
+    assert _snapshot(out) == before
+
+
+def test_damaged_checkpoint_in_a_real_process_prints_no_traceback(charlm_run, tmp_path):
+    out = _copy_run(charlm_run, tmp_path / "run")
+    _damage_zip_directory(out / "checkpoint.npz", 10, 1)
+    cmd = [sys.executable, "-m", "jax_lstm", "evaluate", "--checkpoint", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert str(out / "checkpoint.npz") in proc.stderr
+
+
 def test_missing_checkpoint_and_wrong_task(charlm_run, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nothing")]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
