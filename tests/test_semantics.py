@@ -1,0 +1,896 @@
+"""Masks, resets, recurrent dropout, time_major, lengths and dtypes, checked against a plain NumPy oracle.
+
+Every value is compared with ``numpy_oracle.lstm_np``, which shares no code with
+``jax_lstm``; every gradient of ``lstm`` with the autodiff of ``lstm_ref`` and, for a
+few configurations, with finite differences of the oracle.
+
+Each static configuration costs an XLA compile, so the option grid runs on a
+covering subset of the full product (every 3 options take every combination of
+their values in some row); ``JAX_LSTM_FULL_GRID=1`` runs all 128 configurations.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import re
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpy_oracle import dropout_scale, length_mask, lstm_np, lstm_np_scalar
+
+from jax_lstm import (
+    LSTMParams,
+    LSTMState,
+    gate_trace_stack,
+    init_stack,
+    lstm,
+    lstm_ref,
+    lstm_stack,
+    lstm_trace,
+)
+
+T, B, D, H = 5, 4, 2, 3
+P_DROP = 0.3
+TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+VALUE_TOL = 1e-12
+FD_TOL = 1e-7  # central differences with step 1e-6 in float64
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+class Cfg(NamedTuple):
+    """One static configuration of the options of ``lstm``."""
+
+    mask: bool
+    resets: bool
+    lengths: bool
+    reverse: bool
+    dropout: float
+    state0: bool
+    time_major: bool
+
+    def __str__(self) -> str:
+        on = [n for n in ("mask", "resets", "lengths", "reverse", "state0") if getattr(self, n)]
+        on += [f"p{self.dropout}"] if self.dropout else []
+        on += [] if self.time_major else ["batch_major"]
+        return "-".join(on) or "plain"
+
+
+LEVELS = ((False, True), (False, True), (False, True), (False, True), (0.0, P_DROP), (False, True), (True, False))
+ALL_CFGS = [Cfg(*c) for c in itertools.product(*LEVELS)]
+
+
+def covering_subset(cfgs: list[Cfg], strength: int) -> list[Cfg]:
+    """A greedy subset in which every ``strength`` options take every combination of their values."""
+    n = len(cfgs[0])
+    groups = list(itertools.combinations(range(n), strength))
+    todo = {(g, tuple(c[k] for k in g)) for c in cfgs for g in groups}
+    chosen = []
+    while todo:
+        best = max(cfgs, key=lambda c: sum((g, tuple(c[k] for k in g)) in todo for g in groups))
+        chosen.append(best)
+        todo -= {(g, tuple(best[k] for k in g)) for g in groups}
+    return chosen
+
+
+FULL_GRID = os.environ.get("JAX_LSTM_FULL_GRID") == "1"
+GRID = ALL_CFGS if FULL_GRID else covering_subset(ALL_CFGS, 3)
+ALL_ON = Cfg(True, True, True, False, P_DROP, True, True)
+
+
+class Problem(NamedTuple):
+    """Time-major NumPy data for one problem; ``lay`` puts arrays into a configuration's layout."""
+
+    params: LSTMParams
+    xs: np.ndarray  # (T, B, D)
+    h0: np.ndarray
+    c0: np.ndarray
+    lengths: np.ndarray
+    mask: np.ndarray  # (T, B)
+    resets: np.ndarray  # (T, B)
+    key: jax.Array
+    keep: np.ndarray  # (B, H), the recurrent dropout mask the key gives at P_DROP
+
+
+def problem(seed: int = 0, dtype=np.float64, t: int = T, b: int = B, d: int = D, h: int = H) -> Problem:
+    """Random weights and inputs; the mask has an all-True row 0 and an all-False row 2, lengths include 0 and T."""
+    rng = np.random.default_rng(seed)
+    params = LSTMParams(
+        jnp.asarray(rng.normal(scale=0.6, size=(h, 4 * h)), dtype),
+        jnp.asarray(rng.normal(scale=0.6, size=(d, 4 * h)), dtype),
+        jnp.asarray(rng.normal(scale=0.3, size=(4 * h,)), dtype),
+    )
+    xs = rng.normal(size=(t, b, d)).astype(dtype)
+    h0 = rng.normal(scale=0.5, size=(b, h)).astype(dtype)
+    c0 = rng.normal(scale=0.5, size=(b, h)).astype(dtype)
+    mask = rng.random((t, b)) < 0.6
+    resets = rng.random((t, b)) < 0.3
+    if b >= 4 and t >= 4:
+        mask[:, 0], mask[:, 2] = True, False
+        mask[1, 1], mask[2, 1] = False, True
+        resets[1, 1] = True  # a reset at a skipped step
+        resets[2, 3] = True
+        lengths = np.array([3, t, 4, 0][:b] + [t] * (b - 4), np.int32)
+    else:
+        lengths = np.minimum(np.arange(b), t).astype(np.int32)
+    key = jax.random.PRNGKey(seed + 1000)
+    keep = np.asarray(jax.random.bernoulli(key, 1.0 - P_DROP, (b, h)))
+    return Problem(params, xs, h0, c0, lengths, mask, resets, key, keep)
+
+
+def lay(time_major: bool, a):
+    """Swap the two leading axes (time, batch) unless time-major."""
+    if a is None or time_major:
+        return a
+    return jnp.swapaxes(a, 0, 1) if isinstance(a, jax.Array) else np.swapaxes(a, 0, 1)
+
+
+def call(fn, cfg: Cfg, params, xs, h0, c0, lengths, mask, resets, key, **extra):
+    """Call ``fn`` (lstm or lstm_ref) with the options that ``cfg`` turns on; inputs already in cfg's layout."""
+    kw = dict(reverse=cfg.reverse, time_major=cfg.time_major, **extra)
+    if cfg.mask:
+        kw["mask"] = mask
+    if cfg.resets:
+        kw["resets"] = resets
+    if cfg.lengths:
+        kw["seq_lengths"] = lengths
+    if cfg.dropout:
+        kw.update(recurrent_dropout=cfg.dropout, key=key)
+    return fn(params, xs, LSTMState(h0, c0) if cfg.state0 else None, **kw)
+
+
+def args(cfg: Cfg, pb: Problem, mask=None):
+    """The positional arguments of ``call`` after ``fn, cfg``, in cfg's layout."""
+    tm = cfg.time_major
+    mask = pb.mask if mask is None else mask
+    return (pb.params, lay(tm, pb.xs), pb.h0, pb.c0, pb.lengths, lay(tm, mask), lay(tm, pb.resets), pb.key)
+
+
+def oracle(cfg: Cfg, pb: Problem, mask=None, params=None, xs=None, h0=None, c0=None):
+    """``lstm_np`` with the options of ``cfg``, in cfg's layout."""
+    tm = cfg.time_major
+    params = pb.params if params is None else params
+    mask = pb.mask if mask is None else mask
+    return lstm_np(
+        *params,
+        lay(tm, pb.xs if xs is None else xs),
+        (pb.h0 if h0 is None else h0) if cfg.state0 else None,
+        (pb.c0 if c0 is None else c0) if cfg.state0 else None,
+        seq_lengths=pb.lengths if cfg.lengths else None,
+        mask=lay(tm, mask) if cfg.mask else None,
+        resets=lay(tm, pb.resets) if cfg.resets else None,
+        keep_scale=dropout_scale(pb.keep, cfg.dropout) if cfg.dropout else None,
+        reverse=cfg.reverse,
+        time_major=tm,
+    )
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b| (absolute when b is all zero)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-8))
+
+
+def cotangents(seed: int, outs):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), outs)
+
+
+def scalar_loss(outs, cts):
+    """sum(out * cotangent) over every output: a VJP with random cotangents as a scalar."""
+    return sum(jnp.sum(o * c) for o, c in zip(jax.tree.leaves(outs), jax.tree.leaves(cts), strict=True))
+
+
+@functools.cache
+def vjp_both(cfg: Cfg):
+    """jit: values and VJPs (W, U, b, xs, h0, c0) of lstm and lstm_ref for one configuration."""
+
+    def run(params, xs, h0, c0, lengths, mask, resets, key, cts):
+        res = []
+        for fn in (lstm, lstm_ref):
+            f = lambda p, x, h, c, fn=fn: call(fn, cfg, p, x, h, c, lengths, mask, resets, key)  # noqa: E731
+            out, vjp = jax.vjp(f, params, xs, h0, c0)
+            res.append((out, vjp(cts)))
+        return res
+
+    return jax.jit(run)
+
+
+def flat_grads(g):
+    (gp, gx, gh, gc) = g
+    return {"W": gp.W, "U": gp.U, "b": gp.b, "xs": gx, "h0": gh, "c0": gc}
+
+
+def zero_cts(cfg: Cfg, pb: Problem):
+    hs = lay(cfg.time_major, np.zeros((pb.xs.shape[0], pb.xs.shape[1], pb.params.W.shape[0])))
+    z = np.zeros(pb.h0.shape)
+    return jax.tree.map(lambda a: jnp.asarray(a, pb.params.W.dtype), (hs, LSTMState(z, z)))
+
+
+def random_cts(cfg: Cfg, pb: Problem, seed: int):
+    return cotangents(seed, zero_cts(cfg, pb))
+
+
+# ------------------------------------------------------------------------------------------- the option grid
+
+
+def test_covering_subset_covers_every_triple():
+    assert len(GRID) < len(ALL_CFGS) or FULL_GRID
+    for g in itertools.combinations(range(len(LEVELS)), 3):
+        seen = {tuple(c[k] for k in g) for c in GRID}
+        assert len(seen) == 8, g
+
+
+@pytest.mark.parametrize("cfg", GRID, ids=str)
+def test_values_and_gradients_match_oracle(cfg):
+    pb = problem(seed=hash(cfg) % 1000)
+    cts = random_cts(cfg, pb, seed=1)
+    masks = [pb.mask, np.ones_like(pb.mask)] if cfg.mask else [pb.mask]
+    runs = [vjp_both(cfg)(*args(cfg, pb, mask), cts) for mask in masks]
+    for mask, ((out, g), (out_r, g_r)) in zip(masks, runs, strict=True):
+        hs_o, h_o, c_o = oracle(cfg, pb, mask)
+        for name, got in (("lstm", out), ("lstm_ref", out_r)):
+            hs, (h, c) = got
+            assert hs.dtype == h.dtype == c.dtype == np.float64
+            for field, a, want in (("hs", hs, hs_o), ("h", h, h_o), ("c", c, c_o)):
+                np.testing.assert_allclose(a, want, rtol=VALUE_TOL, atol=VALUE_TOL, err_msg=f"{name} {field}")
+        for name, a in flat_grads(g).items():
+            want = flat_grads(g_r)[name]
+            assert a.shape == want.shape and a.dtype == want.dtype, name
+            assert rel_err(a, want) <= 1e-10, (name, rel_err(a, want))
+        assert np.max(np.abs(flat_grads(g)["W"])) > 1e-3  # the comparison is not between zeros
+    (out, g), (out_r, g_r) = runs[0]
+    skipped = np.zeros(pb.mask.shape, bool)
+    if cfg.mask:
+        skipped |= ~pb.mask
+    if cfg.lengths:
+        skipped |= ~length_mask(pb.lengths, T)
+    skipped = lay(cfg.time_major, skipped)
+    for hs, gx in ((out[0], flat_grads(g)["xs"]), (out_r[0], flat_grads(g_r)["xs"])):
+        assert np.all(np.asarray(hs)[skipped] == 0)  # skipped steps: zero output
+        assert np.all(np.asarray(gx)[skipped] == 0)  # and their inputs get zero gradient
+
+
+def test_all_true_mask_is_no_mask():
+    pb = problem(3)
+    base = Cfg(False, True, True, True, P_DROP, True, True)
+    with_mask = base._replace(mask=True)
+    cts = random_cts(base, pb, 2)
+    (out, g), _ = vjp_both(base)(*args(base, pb), cts)
+    (out_m, g_m), _ = vjp_both(with_mask)(*args(with_mask, pb, np.ones_like(pb.mask)), cts)
+    for a, b in zip(jax.tree.leaves((out, g)), jax.tree.leaves((out_m, g_m)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [ALL_ON, Cfg(True, True, False, True, P_DROP, True, False), Cfg(True, False, True, True, 0.0, False, True)],
+    ids=str,
+)
+def test_float32_gradients_match_ref(cfg):
+    pb = problem(5, dtype=np.float32)
+    cts = random_cts(cfg, pb, seed=4)
+    (out, g), (out_r, g_r) = vjp_both(cfg)(*args(cfg, pb), cts)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(out_r), strict=True):
+        assert a.dtype == np.float32
+        assert rel_err(a, b) <= 1e-5
+    for name, a in flat_grads(g).items():
+        b = flat_grads(g_r)[name]
+        assert a.dtype == b.dtype == np.float32, name
+        assert rel_err(a, b) <= 1e-5, (name, rel_err(a, b))
+    hs_o, h_o, c_o = oracle(cfg, pb)
+    assert rel_err(out[0], hs_o) <= 1e-5 and rel_err(out[1].h, h_o) <= 1e-5 and rel_err(out[1].c, c_o) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------- finite differences
+
+
+def oracle_fd(cfg: Cfg, pb: Problem, cts, eps: float = 1e-6) -> dict:
+    """Central differences of sum(oracle outputs * cotangents) w.r.t. W, U, b, xs, h0, c0."""
+    hs_ct = np.asarray(cts[0], np.float64)
+    h_ct, c_ct = np.asarray(cts[1].h, np.float64), np.asarray(cts[1].c, np.float64)
+    base = {
+        "W": np.asarray(pb.params.W, np.float64),
+        "U": np.asarray(pb.params.U, np.float64),
+        "b": np.asarray(pb.params.b, np.float64),
+        "xs": np.asarray(pb.xs, np.float64),
+        "h0": np.asarray(pb.h0, np.float64),
+        "c0": np.asarray(pb.c0, np.float64),
+    }
+
+    def loss(v):
+        hs, h, c = oracle(cfg, pb, params=(v["W"], v["U"], v["b"]), xs=v["xs"], h0=v["h0"], c0=v["c0"])
+        return np.sum(hs * hs_ct) + np.sum(h * h_ct) + np.sum(c * c_ct)
+
+    grads = {}
+    for name, a in base.items():
+        g = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            v = {k: x.copy() for k, x in base.items()}
+            v[name][idx] += eps
+            up = loss(v)
+            v[name][idx] -= 2 * eps
+            g[idx] = (up - loss(v)) / (2 * eps)
+        grads[name] = g
+    grads["xs"] = lay(cfg.time_major, grads["xs"])
+    return grads
+
+
+@pytest.mark.parametrize("cfg", [ALL_ON, Cfg(True, True, True, True, P_DROP, True, False)], ids=str)
+def test_gradients_match_finite_differences_of_the_oracle(cfg):
+    pb = problem(11)
+    cts = random_cts(cfg, pb, seed=12)
+    (_, g), _ = vjp_both(cfg)(*args(cfg, pb), cts)
+    fd = oracle_fd(cfg, pb, cts)
+    for name, a in flat_grads(g).items():
+        assert rel_err(a, fd[name]) <= FD_TOL, (name, rel_err(a, fd[name]))
+    # the start and every reset feed state0's gradient: a row with resets gets more than its start alone
+    assert np.max(np.abs(fd["h0"])) > 1e-3 and np.max(np.abs(fd["c0"])) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------- jit, vmap, grad of grad
+
+
+def test_vmap_over_a_leading_axis():
+    cfg = ALL_ON
+    pb = problem(21)
+    xs = np.stack([pb.xs, pb.xs[::-1] * 0.5, -pb.xs])  # (N, T, B, D)
+    ct = np.random.default_rng(0).normal(size=(3, T, B, H))
+
+    def loss(fn, params, x):
+        hs, (h, c) = call(fn, cfg, params, x, pb.h0, pb.c0, pb.lengths, pb.mask, pb.resets, pb.key)
+        return jnp.sum(hs * ct[0]) + jnp.sum(h * ct[1, 0]) + jnp.sum(c * ct[2, 0])
+
+    run = jax.jit(jax.vmap(jax.value_and_grad(lambda p, x: loss(lstm, p, x), argnums=(0, 1)), in_axes=(None, 0)))
+    vals, (gp, gx) = run(pb.params, xs)
+    for n in range(3):
+        v_r, (gp_r, gx_r) = jax.value_and_grad(lambda p, x: loss(lstm_ref, p, x), argnums=(0, 1))(pb.params, xs[n])
+        assert rel_err(vals[n], v_r) <= 1e-12
+        assert rel_err(gx[n], gx_r) <= 1e-10
+        for a, b in zip(gp, gp_r, strict=True):
+            assert rel_err(a[n], b) <= 1e-10
+
+
+@pytest.mark.parametrize("cfg", [ALL_ON, Cfg(True, True, False, True, P_DROP, True, False)], ids=str)
+def test_grad_of_grad_matches_ref(cfg):
+    """Hessian-vector products (reverse over reverse) of a loss through lstm and through lstm_ref."""
+    pb = problem(31)
+    cts = random_cts(cfg, pb, 32)
+    rng = np.random.default_rng(33)
+    v = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), (pb.params, lay(cfg.time_major, pb.xs)))
+
+    def hvp(fn):
+        def loss(p, x):
+            out = call(fn, cfg, p, x, pb.h0, pb.c0, pb.lengths, *args(cfg, pb)[5:])
+            return scalar_loss(out, cts)
+
+        def gv(p, x):
+            g = jax.grad(loss, argnums=(0, 1))(p, x)
+            return sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v), strict=True))
+
+        return jax.jit(jax.grad(gv, argnums=(0, 1)))(pb.params, lay(cfg.time_major, pb.xs))
+
+    got, want = hvp(lstm), hvp(lstm_ref)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert rel_err(a, b) <= 1e-10, rel_err(a, b)
+    assert max(float(np.max(np.abs(a))) for a in jax.tree.leaves(want)) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------- resets
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_no_gradient_crosses_a_reset(reverse):
+    """With a reset of row 1 at step r, hs after it (in visiting order) does not depend on inputs before it."""
+    pb = problem(41)
+    r = 2
+    resets = np.zeros((T, B), bool)
+    resets[r, 1] = True
+    later = np.arange(T) >= r if not reverse else np.arange(T) <= r  # visited from r on
+    earlier = ~later
+    ct = np.zeros((T, B, H))
+    ct[later, 1] = np.random.default_rng(0).normal(size=(int(later.sum()), H))
+    s0 = LSTMState(jnp.asarray(pb.h0), jnp.asarray(pb.c0))
+
+    def grads(fn, res):
+        def loss(x):
+            hs, (h, c) = fn(pb.params, x, s0, resets=res, reverse=reverse)
+            return jnp.sum(hs * ct) + jnp.sum(h[1] * ct[r, 1]) + jnp.sum(c[1])
+
+        return jax.jit(jax.grad(loss))(jnp.asarray(pb.xs))
+
+    for fn in (lstm, lstm_ref):
+        g = np.asarray(grads(fn, resets))
+        assert np.all(g[earlier, 1] == 0), fn.__name__
+        assert np.max(np.abs(g[later, 1])) > 1e-3
+        g_plain = np.asarray(grads(fn, np.zeros((T, B), bool)))  # without the reset it does depend on them
+        assert np.max(np.abs(g_plain[earlier, 1])) > 1e-4
+
+
+def test_state0_gradient_sums_over_start_and_every_reset():
+    """d loss / d state0 == finite differences of the oracle, and == the sum of the per-segment gradients."""
+    pb = problem(51)
+    resets = np.zeros((T, B), bool)
+    resets[2, 0] = resets[4, 0] = True  # row 0: segments [0, 2), [2, 4), [4, 5)
+    pb = pb._replace(resets=resets)
+    cfg = Cfg(False, True, False, False, 0.0, True, True)
+    cts = random_cts(cfg, pb, 52)
+    (_, g), (_, g_r) = vjp_both(cfg)(*args(cfg, pb), cts)
+    fd = oracle_fd(cfg, pb, cts)
+    for name in ("h0", "c0"):
+        assert rel_err(flat_grads(g)[name], fd[name]) <= FD_TOL, name
+        assert rel_err(flat_grads(g)[name], flat_grads(g_r)[name]) <= 1e-10, name
+    # the same loss written as three independent segments of row 0, each started from state0
+    hs_ct, (h_ct, c_ct) = cts
+    s0 = LSTMState(jnp.asarray(pb.h0[:1]), jnp.asarray(pb.c0[:1]))
+
+    def seg_grad(t0, t1, final):
+        def loss(s):
+            hs, (h, c) = lstm(pb.params, jnp.asarray(pb.xs[t0:t1, :1]), s)
+            out = jnp.sum(hs * hs_ct[t0:t1, :1])
+            return out + (jnp.sum(h * h_ct[:1]) + jnp.sum(c * c_ct[:1]) if final else 0.0)
+
+        return jax.grad(loss)(s0)
+
+    parts = [seg_grad(0, 2, False), seg_grad(2, 4, False), seg_grad(4, 5, True)]
+    total = jax.tree.map(lambda *a: sum(a), *parts)
+    assert rel_err(flat_grads(g)["h0"][0], total.h[0]) <= 1e-10
+    assert rel_err(flat_grads(g)["c0"][0], total.c[0]) <= 1e-10
+
+
+@pytest.mark.parametrize("fn", [lstm, lstm_ref])
+def test_reset_at_a_masked_step_still_resets(fn):
+    pb = problem(61)
+    mask = np.ones((T, B), bool)
+    resets = np.zeros((T, B), bool)
+    mask[2, 0], resets[2, 0] = False, True
+    s0 = LSTMState(jnp.asarray(pb.h0), jnp.asarray(pb.c0))
+    hs, _ = fn(pb.params, jnp.asarray(pb.xs), s0, mask=mask, resets=resets)
+    fresh, _ = fn(pb.params, jnp.asarray(pb.xs[3:, :1]), LSTMState(s0.h[:1], s0.c[:1]))
+    np.testing.assert_allclose(hs[3:, :1], fresh, rtol=1e-13, atol=1e-14)
+    assert np.all(np.asarray(hs[2, 0]) == 0)
+    carried, _ = fn(pb.params, jnp.asarray(pb.xs), s0, mask=mask)  # without the reset the state carries on
+    assert np.max(np.abs(np.asarray(carried[3:, 0]) - np.asarray(hs[3:, 0]))) > 1e-4
+    # a reset on the last step, which is masked, makes the final state state0
+    mask[T - 1, 1], resets[T - 1, 1] = False, True
+    _, (h, c) = fn(pb.params, jnp.asarray(pb.xs), s0, mask=mask, resets=resets)
+    np.testing.assert_array_equal(h[1], pb.h0[1])
+    np.testing.assert_array_equal(c[1], pb.c0[1])
+
+
+def test_resets_without_state0_restore_zeros():
+    pb = problem(62)
+    resets = np.zeros((T, B), bool)
+    resets[3, :] = True
+    for fn in (lstm, lstm_ref):
+        hs, _ = fn(pb.params, jnp.asarray(pb.xs), resets=resets)
+        fresh, _ = fn(pb.params, jnp.asarray(pb.xs[3:]))
+        np.testing.assert_allclose(hs[3:], fresh, rtol=1e-13, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------- recurrent dropout
+
+
+@pytest.mark.parametrize("fn", [lstm, lstm_ref])
+def test_recurrent_dropout_needs_a_key(fn):
+    pb = problem(71)
+    with pytest.raises(ValueError, match="key"):
+        fn(pb.params, jnp.asarray(pb.xs), recurrent_dropout=0.3)
+
+
+def test_stack_recurrent_dropout_needs_a_key():
+    params = init_stack(jax.random.PRNGKey(0), D, [H], dtype=jnp.float64)
+    with pytest.raises(ValueError, match="key"):
+        lstm_stack(params, jnp.ones((T, B, D)), recurrent_dropout=0.3)
+
+
+def test_recurrent_dropout_same_key_same_mask_and_keys_differ():
+    pb = problem(72)
+    xs = jnp.asarray(pb.xs)
+    a = lstm(pb.params, xs, recurrent_dropout=0.3, key=pb.key)
+    b = lstm_ref(pb.params, xs, recurrent_dropout=0.3, key=pb.key)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-13, atol=1e-14)
+    hs_o, _, _ = lstm_np(*pb.params, pb.xs, keep_scale=dropout_scale(pb.keep, 0.3))
+    np.testing.assert_allclose(a[0], hs_o, rtol=VALUE_TOL, atol=VALUE_TOL)
+    again = lstm(pb.params, xs, recurrent_dropout=0.3, key=pb.key)
+    np.testing.assert_array_equal(a[0], again[0])
+    other = lstm(pb.params, xs, recurrent_dropout=0.3, key=jax.random.PRNGKey(12345))
+    assert np.max(np.abs(np.asarray(other[0]) - np.asarray(a[0]))) > 1e-3
+    plain = lstm(pb.params, xs)
+    assert np.max(np.abs(np.asarray(plain[0]) - np.asarray(a[0]))) > 1e-3
+
+
+@pytest.mark.parametrize("fn", [lstm, lstm_ref])
+def test_zero_recurrent_dropout_is_the_plain_layer(fn):
+    pb = problem(73)
+    xs, s0 = jnp.asarray(pb.xs), LSTMState(jnp.asarray(pb.h0), jnp.asarray(pb.c0))
+    ct = cotangents(1, fn(pb.params, xs, s0))
+
+    def vjp(**kw):
+        out, f = jax.vjp(lambda p, x, s: fn(p, x, s, **kw), pb.params, xs, s0)
+        return out, f(ct)
+
+    plain = vjp()
+    for kw in (dict(recurrent_dropout=0.0, key=pb.key), dict(recurrent_dropout=0.0)):
+        for u, v in zip(jax.tree.leaves(vjp(**kw)), jax.tree.leaves(plain), strict=True):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_recurrent_dropout_mask_is_fixed_over_time_and_only_in_h_W():
+    """Zeroing W's rows where the keep mask is False for a row changes nothing for that row (so one mask)."""
+    pb = problem(74, b=1)
+    xs = jnp.asarray(pb.xs)
+    keep = pb.keep[0]
+    hs, _ = lstm(pb.params, xs, recurrent_dropout=P_DROP, key=pb.key)
+    W = np.asarray(pb.params.W) * np.where(keep, 1.0 / (1.0 - P_DROP), 0.0)[:, None]
+    hs_w, _ = lstm_ref(pb.params._replace(W=jnp.asarray(W)), xs)
+    np.testing.assert_allclose(hs, hs_w, rtol=1e-12, atol=1e-13)
+    assert 0 < keep.sum() < keep.size
+
+
+# ------------------------------------------------------------------------------------------- integer lengths
+
+
+INT_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]
+NARROW_T = [126, 127, 128, 129, 255, 256, 257, 300]
+
+
+def _length_cases():
+    cases = []
+    for dt in (np.int8, np.uint8):
+        cases += [(dt, t) for t in NARROW_T]
+    for dt in (np.int32, np.uint32, np.int64, np.uint64):  # the limit of these is out of reach: small and 300
+        cases += [(dt, 5), (dt, 300)]
+    return cases
+
+
+def _lengths_near_limit(dt, t: int) -> np.ndarray:
+    top = min(int(np.iinfo(dt).max), t)
+    vals = sorted({0, 1, top - 1, top, min(t // 2, top)})
+    return np.array(vals, dtype=dt)
+
+
+@functools.cache
+def _both_fwd():
+    return jax.jit(lambda p, x, n: (lstm(p, x, seq_lengths=n), lstm_ref(p, x, seq_lengths=n)))
+
+
+@pytest.mark.parametrize("dt,t", _length_cases(), ids=lambda v: getattr(v, "__name__", str(v)))
+def test_integer_lengths_are_exact_for_every_dtype_and_T(dt, t):
+    lengths = _lengths_near_limit(dt, t)
+    pb = problem(81, t=t, b=len(lengths), d=1, h=2)
+    hs_o, h_o, c_o = lstm_np(*pb.params, pb.xs, seq_lengths=lengths)
+    assert np.array_equal(length_mask(lengths, t).sum(0), [min(int(v), t) for v in lengths.tolist()])
+    outs = _both_fwd()(pb.params, jnp.asarray(pb.xs), lengths)
+    for name, (hs, (h, c)) in zip(("lstm", "lstm_ref"), outs, strict=True):
+        np.testing.assert_allclose(hs, hs_o, rtol=VALUE_TOL, atol=VALUE_TOL, err_msg=f"{name} {dt.__name__} T={t}")
+        np.testing.assert_allclose(h, h_o, rtol=VALUE_TOL, atol=VALUE_TOL, err_msg=name)
+        np.testing.assert_allclose(c, c_o, rtol=VALUE_TOL, atol=VALUE_TOL, err_msg=name)
+
+
+@pytest.mark.parametrize("dt", [np.int8, np.uint8])
+def test_narrow_lengths_padded_inputs_get_zero_gradient(dt):
+    t = 300
+    lengths = _lengths_near_limit(dt, t)
+    pb = problem(82, t=t, b=len(lengths), d=1, h=2)
+    ct = np.random.default_rng(0).normal(size=(t, len(lengths), 2))
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda x: jnp.sum(fn(pb.params, x, seq_lengths=lengths)[0] * ct)))(jnp.asarray(pb.xs))
+
+    g, g_r = np.asarray(grads(lstm)), np.asarray(grads(lstm_ref))
+    padded = ~length_mask(lengths, t)
+    assert np.all(g[padded] == 0) and np.all(g_r[padded] == 0)
+    assert rel_err(g, g_r) <= 1e-10
+
+
+@pytest.mark.parametrize("dt,t", [(np.int16, 32770), (np.uint16, 65540)], ids=["int16-32770", "uint16-65540"])
+def test_sixteen_bit_lengths_beyond_the_dtype_range(dt, t):
+    """One unit, forward values of lstm only (a 65540-step scan), against the scalar oracle."""
+    lengths = np.array([0, 1, int(np.iinfo(dt).max) - 1, int(np.iinfo(dt).max)], dtype=dt)
+    rng = np.random.default_rng(83)
+    params = LSTMParams(*(jnp.asarray(rng.normal(scale=0.5, size=s)) for s in ((1, 4), (1, 4), (4,))))
+    xs = rng.normal(size=(t, len(lengths), 1))
+    hs, (h, c) = jax.jit(lambda p, x, n: lstm(p, x, seq_lengths=n))(params, jnp.asarray(xs), lengths)
+    hs = np.asarray(hs)
+    for r, n in enumerate(lengths.tolist()):
+        hs_o, h_o, c_o = lstm_np_scalar(params.W, params.U, params.b, xs[:, r, 0], int(n))
+        assert np.all(hs[int(n) :, r] == 0), (r, n)
+        np.testing.assert_allclose(hs[:, r, 0], hs_o, rtol=1e-11, atol=1e-12, err_msg=f"row {r} length {n}")
+        np.testing.assert_allclose([h[r, 0], c[r, 0]], [h_o, c_o], rtol=1e-11, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- out-of-range lengths
+
+
+@pytest.mark.parametrize("bad", [T + 4, -3])
+@pytest.mark.parametrize("which", ["lstm", "lstm_ref", "lstm_stack"])
+def test_out_of_range_lengths_raise(which, bad):
+    pb = problem(91)
+    lengths = np.array([1, bad, 2, T], np.int32)
+    xs = jnp.asarray(pb.xs)
+    if which == "lstm_stack":
+        params = init_stack(jax.random.PRNGKey(1), D, [H, H], bidirectional=True, dtype=jnp.float64)
+        run = lambda: lstm_stack(params, xs, seq_lengths=lengths)  # noqa: E731
+    else:
+        fn = {"lstm": lstm, "lstm_ref": lstm_ref}[which]
+        run = lambda: fn(pb.params, xs, seq_lengths=lengths)  # noqa: E731
+    with pytest.raises(ValueError) as err:
+        run()
+    msg = str(err.value)
+    assert "seq_lengths" in msg, msg
+    assert re.search(rf"(?<![\d-]){re.escape(str(bad))}(?!\d)", msg), msg
+    assert re.search(rf"(?<![\d-]){T}(?!\d)", msg), msg
+
+
+def test_out_of_range_lengths_are_clamped_under_jit():
+    pb = problem(92)
+    lengths = np.array([T + 4, -3, 2, T], np.int32)
+    clamped = np.clip(lengths, 0, T)
+    xs = jnp.asarray(pb.xs)
+    hs_o, h_o, c_o = lstm_np(*pb.params, pb.xs, seq_lengths=clamped)
+    for fn in (lstm, lstm_ref):
+        hs, (h, c) = jax.jit(lambda p, x, n, fn=fn: fn(p, x, seq_lengths=n))(pb.params, xs, lengths)
+        np.testing.assert_allclose(hs, hs_o, rtol=VALUE_TOL, atol=VALUE_TOL)
+        np.testing.assert_allclose(h, h_o, rtol=VALUE_TOL, atol=VALUE_TOL)
+        np.testing.assert_allclose(c, c_o, rtol=VALUE_TOL, atol=VALUE_TOL)
+    params = init_stack(jax.random.PRNGKey(1), D, [H, H], bidirectional=True, dtype=jnp.float64)
+    got = jax.jit(lambda p, x, n: lstm_stack(p, x, seq_lengths=n))(params, xs, lengths)
+    want = lstm_stack(params, xs, seq_lengths=clamped)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------- empty batch / time
+
+
+def _empty_cases():
+    return [(t, b, opts) for t, b in ((T, 0), (0, B), (0, 0)) for opts in (False, True)]
+
+
+@pytest.mark.parametrize("t,b,opts", _empty_cases(), ids=lambda v: str(v))
+@pytest.mark.parametrize("which", ["lstm", "lstm_ref", "stack", "stack_bi"])
+def test_empty_batch_and_empty_time(which, t, b, opts):
+    rng = np.random.default_rng(101)
+    xs = jnp.asarray(rng.normal(size=(t, b, D)))
+    kw = {}
+    if opts:
+        kw = dict(mask=np.ones((t, b), bool), resets=np.ones((t, b), bool), seq_lengths=np.zeros(b, np.int32))
+    if which in ("lstm", "lstm_ref"):
+        fn = {"lstm": lstm, "lstm_ref": lstm_ref}[which]
+        params = LSTMParams(*(jnp.asarray(rng.normal(size=s)) for s in ((H, 4 * H), (D, 4 * H), (4 * H,))))
+        s0 = LSTMState(jnp.asarray(rng.normal(size=(b, H))), jnp.asarray(rng.normal(size=(b, H))))
+        f = lambda p, x, s: fn(p, x, s, **kw)  # noqa: E731
+        n_dir, h_out = 1, H
+    else:
+        bi = which == "stack_bi"
+        params = init_stack(jax.random.PRNGKey(2), D, [H, 2], bidirectional=bi, dtype=jnp.float64)
+        n_dir = 2 if bi else 1
+        s0 = tuple(
+            tuple(LSTMState(jnp.asarray(rng.normal(size=(b, hh))), jnp.ones((b, hh))) for _ in range(n_dir))
+            for hh in (H, 2)
+        )
+        f = lambda p, x, s: lstm_stack(p, x, s, **kw)  # noqa: E731
+        h_out = 2 * n_dir
+    out, vjp = jax.vjp(f, params, xs, s0)
+    hs, finals = out
+    assert hs.shape == (t, b, h_out) and hs.dtype == np.float64
+    for a, s in zip(jax.tree.leaves(finals), jax.tree.leaves(s0), strict=True):
+        assert a.shape == s.shape and a.dtype == np.float64
+        if t == 0:  # nothing ran: the final state is state0
+            np.testing.assert_array_equal(a, s)
+    ct = cotangents(5, out)
+    g_params, g_xs, g_s0 = vjp(ct)
+    for g, p in zip(jax.tree.leaves(g_params), jax.tree.leaves(params), strict=True):
+        assert g.shape == p.shape and g.dtype == p.dtype
+        np.testing.assert_array_equal(g, np.zeros(p.shape))
+    assert g_xs.shape == xs.shape and g_xs.dtype == xs.dtype
+    for g, s, c in zip(jax.tree.leaves(g_s0), jax.tree.leaves(s0), jax.tree.leaves(ct[1]), strict=True):
+        assert g.shape == s.shape and g.dtype == s.dtype
+        if t == 0:  # the final state is state0, so its cotangent passes through unchanged
+            np.testing.assert_array_equal(g, c)
+    jit_out = jax.jit(f)(params, xs, s0)
+    for a, b_ in zip(jax.tree.leaves(jit_out), jax.tree.leaves(out), strict=True):
+        np.testing.assert_array_equal(a, b_)
+
+
+# ------------------------------------------------------------------------------------------- time_major=False
+
+
+@pytest.mark.parametrize("fn", [lstm, lstm_ref])
+def test_batch_major_is_time_major_transposed_layer(fn):
+    cfg = ALL_ON._replace(reverse=True)
+    pb = problem(111)
+    ct_tm = random_cts(cfg, pb, 1)
+
+    def vjp(time_major):
+        c = cfg._replace(time_major=time_major)
+        f = lambda p, x, h, cc: call(fn, c, p, x, h, cc, *args(c, pb)[4:])  # noqa: E731
+        out, g = jax.vjp(f, pb.params, lay(time_major, jnp.asarray(pb.xs)), jnp.asarray(pb.h0), jnp.asarray(pb.c0))
+        ct = (lay(time_major, ct_tm[0]), ct_tm[1])
+        return out, g(ct)
+
+    (out_t, g_t), (out_b, g_b) = vjp(True), vjp(False)
+    assert out_b[0].shape == (B, T, H)
+    np.testing.assert_allclose(lay(False, out_b[0]), out_t[0], rtol=1e-13, atol=1e-14)
+    for a, b in zip(jax.tree.leaves(out_b[1]), jax.tree.leaves(out_t[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+    assert g_b[1].shape == (B, T, D)
+    np.testing.assert_allclose(lay(False, g_b[1]), g_t[1], rtol=1e-12, atol=1e-13)
+    for a, b in zip(jax.tree.leaves((g_b[0], g_b[2:])), jax.tree.leaves((g_t[0], g_t[2:])), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_batch_major_lstm_trace():
+    pb = problem(112)
+    kw = dict(reverse=True, recurrent_dropout=P_DROP, key=pb.key, seq_lengths=pb.lengths)
+    s0 = LSTMState(jnp.asarray(pb.h0), jnp.asarray(pb.c0))
+    rng = np.random.default_rng(3)
+    cts = [rng.normal(size=(T, B, H)) for _ in range(6)]
+
+    def run(time_major):
+        def f(p, x):
+            tr = lstm_trace(
+                p, x, s0, mask=lay(time_major, pb.mask), resets=lay(time_major, pb.resets), time_major=time_major, **kw
+            )
+            return tr, sum(jnp.sum(lay(time_major, a) * c) for a, c in zip(tr, cts, strict=True))
+
+        (tr, _), g = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(pb.params, lay(time_major, jnp.asarray(pb.xs)))
+        return tr, g
+
+    (tr_t, g_t), (tr_b, g_b) = run(True), run(False)
+    for a, b in zip(tr_b, tr_t, strict=True):
+        assert a.shape == (B, T, H)
+        np.testing.assert_allclose(lay(False, a), b, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(lay(False, g_b[1]), g_t[1], rtol=1e-12, atol=1e-13)
+    for a, b in zip(g_b[0], g_t[0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+    hs_o, _, _ = oracle(ALL_ON._replace(reverse=True), pb)
+    np.testing.assert_allclose(tr_t.h, hs_o, rtol=VALUE_TOL, atol=VALUE_TOL)
+
+
+def _stack_problem(seed, bidirectional):
+    params = init_stack(jax.random.PRNGKey(seed), D, [H, 2], bidirectional=bidirectional, dtype=jnp.float64)
+    rng = np.random.default_rng(seed)
+    n_dir = 2 if bidirectional else 1
+    rand = lambda hh: jnp.asarray(rng.normal(size=(B, hh)))  # noqa: E731
+    states0 = tuple(tuple(LSTMState(rand(hh), rand(hh)) for _ in range(n_dir)) for hh in (H, 2))
+    return params, states0
+
+
+@pytest.mark.parametrize("bidirectional,dropout", [(False, 0.0), (True, 0.0), (True, 0.25)])
+def test_batch_major_stack_and_gate_trace_stack(bidirectional, dropout):
+    """With dropout between layers too: its mask is documented per element of the (T, B, D) output."""
+    pb = problem(113)
+    params, states0 = _stack_problem(113, bidirectional)
+    kw = dict(seq_lengths=pb.lengths, dropout=dropout, recurrent_dropout=P_DROP, key=pb.key)
+    h_out = 2 * (2 if bidirectional else 1)
+    ct = np.random.default_rng(4).normal(size=(T, B, h_out))
+
+    def run(time_major):
+        def f(p, x, s):
+            hs, finals = lstm_stack(
+                p, x, s, mask=lay(time_major, pb.mask), resets=lay(time_major, pb.resets), time_major=time_major, **kw
+            )
+            return (hs, finals), jnp.sum(lay(time_major, hs) * ct) + sum(jnp.sum(a) for a in jax.tree.leaves(finals))
+
+        x = lay(time_major, jnp.asarray(pb.xs))
+        (out, _), g = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(params, x, states0)
+        traces = gate_trace_stack(
+            params,
+            x,
+            states0,
+            seq_lengths=pb.lengths,
+            mask=lay(time_major, pb.mask),
+            resets=lay(time_major, pb.resets),
+            time_major=time_major,
+        )
+        return out, g, traces
+
+    (o_t, g_t, tr_t), (o_b, g_b, tr_b) = run(True), run(False)
+    assert o_b[0].shape == (B, T, h_out)
+    np.testing.assert_allclose(lay(False, o_b[0]), o_t[0], rtol=1e-13, atol=1e-14)
+    for a, b in zip(jax.tree.leaves(o_b[1]), jax.tree.leaves(o_t[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(lay(False, g_b[1]), g_t[1], rtol=1e-12, atol=1e-13)
+    for a, b in zip(jax.tree.leaves((g_b[0], g_b[2])), jax.tree.leaves((g_t[0], g_t[2])), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+    for a, b in zip(jax.tree.leaves(tr_b), jax.tree.leaves(tr_t), strict=True):
+        np.testing.assert_allclose(lay(False, a), b, rtol=1e-13, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------- stacks
+
+
+def compose_stack(params, xs, states0, *, mask, resets, dropout, recurrent_dropout, key):
+    """lstm_stack written out with lstm calls and the documented key rule."""
+    n = len(params)
+    drop_keys = jax.random.split(key, n - 1) if dropout > 0 and n > 1 else None
+    x, finals = xs, []
+    for l, layer in enumerate(params):
+        outs, states = [], []
+        for k, p in enumerate(layer):
+            rkey = jax.random.fold_in(jax.random.fold_in(key, l), k)
+            hs, fin = lstm(
+                p,
+                x,
+                states0[l][k],
+                mask=mask,
+                resets=resets,
+                recurrent_dropout=recurrent_dropout,
+                key=rkey,
+                reverse=k == 1,
+            )
+            outs.append(hs)
+            states.append(fin)
+        finals.append(tuple(states))
+        x = jnp.concatenate(outs, axis=-1)
+        if drop_keys is not None and l < n - 1:
+            keep = jax.random.bernoulli(drop_keys[l], 1.0 - dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - dropout), 0.0)
+    return x, tuple(finals)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_stack_with_mask_resets_recurrent_dropout(bidirectional):
+    pb = problem(121)
+    params, states0 = _stack_problem(121, bidirectional)
+    opts = dict(mask=pb.mask, resets=pb.resets, dropout=0.2, recurrent_dropout=P_DROP, key=pb.key)
+    xs = jnp.asarray(pb.xs)
+    ct = cotangents(6, lstm_stack(params, xs, states0, **opts))
+
+    def vjp(f):
+        out, g = jax.vjp(f, params, xs, states0)
+        return out, g(ct)
+
+    run = jax.jit(
+        lambda: (
+            vjp(lambda p, x, s: lstm_stack(p, x, s, **opts)),
+            vjp(lambda p, x, s: lstm_stack(p, x, s, impl="ref", **opts)),
+            vjp(lambda p, x, s: compose_stack(p, x, s, **opts)),
+        )
+    )
+    (out, g), (out_r, g_r), (out_c, g_c) = run()
+    for a, b, c in zip(jax.tree.leaves(out), jax.tree.leaves(out_r), jax.tree.leaves(out_c), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-13)
+    for a, b, c in zip(jax.tree.leaves(g), jax.tree.leaves(g_r), jax.tree.leaves(g_c), strict=True):
+        assert rel_err(a, b) <= 1e-10 and rel_err(a, c) <= 1e-10
+    # the first layer, forward direction, equals the oracle with its documented recurrent key
+    k0 = jax.random.fold_in(jax.random.fold_in(pb.key, 0), 0)
+    keep0 = np.asarray(jax.random.bernoulli(k0, 1.0 - P_DROP, (B, H)))
+    _, h_o, c_o = lstm_np(
+        *params[0][0], pb.xs, *states0[0][0], mask=pb.mask, resets=pb.resets, keep_scale=dropout_scale(keep0, P_DROP)
+    )
+    np.testing.assert_allclose(out[1][0][0].h, h_o, rtol=VALUE_TOL, atol=VALUE_TOL)
+    np.testing.assert_allclose(out[1][0][0].c, c_o, rtol=VALUE_TOL, atol=VALUE_TOL)
+
+
+# ------------------------------------------------------------------------------------------- dtype rules
+
+
+@pytest.mark.parametrize("fn", [lstm, lstm_ref])
+def test_dtype_rules(fn):
+    pb = problem(131)
+    p32 = LSTMParams(*(a.astype(jnp.float32) for a in pb.params))
+    xs64 = jnp.asarray(pb.xs, jnp.float64)
+    hs, (h, c) = fn(p32, xs64)
+    assert hs.dtype == h.dtype == c.dtype == np.float64
+    hs_o, _, _ = lstm_np(*(np.asarray(a, np.float64) for a in p32), pb.xs)
+    np.testing.assert_allclose(hs, hs_o, rtol=VALUE_TOL, atol=VALUE_TOL)  # float32 weights, exact float64 arithmetic
+
+    s64 = LSTMState(jnp.asarray(pb.h0, jnp.float64), jnp.asarray(pb.c0, jnp.float64))
+    hs, (h, c) = fn(p32, xs64.astype(jnp.float32), s64)
+    assert hs.dtype == h.dtype == c.dtype == np.float32
+    hs_o, h_o, _ = lstm_np(*(np.asarray(a, np.float64) for a in p32), pb.xs.astype(np.float32), pb.h0, pb.c0)
+    assert rel_err(hs, hs_o) <= 1e-5 and rel_err(h, h_o) <= 1e-5
