@@ -1,4 +1,4 @@
-"""Weights from and to PyTorch, Keras, Flax and Haiku LSTMs.
+"""Weights from and to PyTorch, Keras, Flax, Haiku and Equinox LSTMs.
 
 Our layout (``LSTMParams``, row-vector convention, gate blocks [f | i | g | o])::
 
@@ -15,6 +15,8 @@ Flax       ii/if/ig/io kernel (D, H), hi/hf/hg/ho      i, f, g, o      hi/hf/hg/
            kernel (H, H)  (linen LSTMCell and
            OptimizedLSTMCell; nnx: ``if_`` for ``if``)
 Haiku      linear w (D + H, 4H) over [x, h]            i, g, f, o      b (4H,), plus a constant +1 on f
+Equinox    weight_ih (4H, D), weight_hh (4H, H)        i, f, g, o      bias (4H,) (None: no bias)
+           (``eqx.nn.LSTMCell``)
 =========  ==========================================  ==============  =================================
 
 Every conversion is a re-ordering of gate blocks and a transpose, so it is
@@ -32,9 +34,10 @@ exact (bit for bit), except where a bias convention needs arithmetic:
 
 Inputs may be NumPy arrays, JAX arrays, PyTorch tensors (any device, detached
 here) or Flax nnx variables; PyTorch is imported only by ``to_torch`` and
-``states_to_torch``. The ``from_*`` functions return JAX arrays in the source
+``states_to_torch``, Equinox only by ``to_equinox``. The ``from_*`` functions return JAX arrays in the source
 dtype, or in ``dtype`` when given; the ``to_*`` functions return NumPy arrays
-(PyTorch tensors for ``to_torch``).
+(PyTorch tensors for ``to_torch``, an ``eqx.nn.LSTMCell`` of JAX arrays for
+``to_equinox``).
 
 Errors: a missing entry raises ``KeyError`` naming it; a wrong shape raises
 ``ValueError`` naming the entry, its shape and the expected one.
@@ -64,6 +67,8 @@ __all__ = [
     "to_flax",
     "from_haiku",
     "to_haiku",
+    "from_equinox",
+    "to_equinox",
 ]
 
 _OURS = "figo"
@@ -538,3 +543,77 @@ def to_haiku(params, *, module: str = "lstm") -> dict[str, dict[str, np.ndarray]
     b[:H] -= np.asarray(1, b.dtype)
     w = _from_ours(np.concatenate([U, W], axis=0), _HAIKU_GATES, axis=1)
     return {f"{module}/linear": {"w": w, "b": _from_ours(b, _HAIKU_GATES, axis=0)}}
+
+
+# --------------------------------------------------------------------------- Equinox
+
+_EQX_GATES = "ifgo"
+
+
+def from_equinox(cell, *, dtype=None) -> LSTMParams:
+    """Convert an ``eqx.nn.LSTMCell`` to ``LSTMParams``.
+
+    Equinox computes, with gate rows in the order i, f, g, o and the column-vector
+    convention::
+
+        lin = weight_ih @ x_t + weight_hh @ h_{t-1} + bias
+
+    so ``U = weight_ih.T`` and ``W = weight_hh.T`` with gate blocks re-ordered to
+    f, i, g, o, and ``b = bias`` re-ordered (zero when ``use_bias=False``). Exact.
+    Equinox's state ``(h, c)`` is in the order of our ``LSTMState(h, c)``.
+
+    Args:
+      cell: an ``eqx.nn.LSTMCell`` (or anything with ``weight_ih`` (4H, D),
+        ``weight_hh`` (4H, H) and ``bias`` (4H,) or None), e.g. its gradient.
+      dtype: dtype of the result; default: the source dtype.
+
+    Returns:
+      ``LSTMParams`` with W: (H, 4H), U: (D, 4H), b: (4H,).
+    """
+    for name in ("weight_ih", "weight_hh"):
+        if not hasattr(cell, name):
+            raise KeyError(f"equinox LSTMCell: {name!r} is missing from {type(cell).__name__}")
+    w_hh = _np(cell.weight_hh, "weight_hh")
+    if w_hh.ndim != 2 or w_hh.shape[0] != 4 * w_hh.shape[1]:
+        raise ValueError(f"weight_hh has shape {w_hh.shape}, expected (4H, H)")
+    H = w_hh.shape[1]
+    w_ih = _np(cell.weight_ih, "weight_ih")
+    if w_ih.ndim != 2 or w_ih.shape[0] != 4 * H:
+        raise ValueError(f"weight_ih has shape {w_ih.shape}, expected ({4 * H}, D) to match weight_hh {w_hh.shape}")
+    bias = getattr(cell, "bias", None)
+    if bias is None:
+        b = np.zeros((4 * H,), w_hh.dtype)
+    else:
+        b = _np(bias, "bias")
+        _check_shape(b, "bias", (4 * H,), f"to match weight_hh {w_hh.shape}")
+    return LSTMParams(
+        _out(_to_ours(w_hh, _EQX_GATES, axis=0).T, dtype),
+        _out(_to_ours(w_ih, _EQX_GATES, axis=0).T, dtype),
+        _out(_to_ours(b, _EQX_GATES, axis=0), dtype),
+    )
+
+
+def to_equinox(params, *, key=None):
+    """``LSTMParams`` to an ``eqx.nn.LSTMCell`` (with a bias) holding exactly these weights.
+
+    Exact in both directions with ``from_equinox``.
+
+    Args:
+      params: ``LSTMParams`` with W: (H, 4H), U: (D, 4H), b: (4H,).
+      key: PRNG key for ``eqx.nn.LSTMCell``'s own initialisation, which is then
+        overwritten; default ``jax.random.PRNGKey(0)``.
+
+    Returns:
+      ``eqx.nn.LSTMCell(D, H)`` with ``weight_ih`` (4H, D), ``weight_hh`` (4H, H)
+      and ``bias`` (4H,) in the dtype of ``params``.
+    """
+    import equinox as eqx
+
+    W, U, b, D, H = _params_np(params)
+    cell = eqx.nn.LSTMCell(D, H, use_bias=True, dtype=W.dtype, key=jax.random.PRNGKey(0) if key is None else key)
+    arrays = (
+        jnp.asarray(_from_ours(U, _EQX_GATES, axis=1).T),
+        jnp.asarray(_from_ours(W, _EQX_GATES, axis=1).T),
+        jnp.asarray(_from_ours(b, _EQX_GATES, axis=0)),
+    )
+    return eqx.tree_at(lambda c: (c.weight_ih, c.weight_hh, c.bias), cell, arrays)

@@ -1,0 +1,240 @@
+"""``jax_lstm.eqx.LSTM``: an Equinox module around ``lstm_stack`` (the hand-written BPTT).
+
+Equinox modules work on one example and are batched with ``jax.vmap``; this
+one replaces a ``lax.scan`` over ``eqx.nn.LSTMCell``::
+
+    # Equinox
+    cell = eqx.nn.LSTMCell(D, H, key=key)
+    def run(xs):                                          # xs: (T, D)
+        step = lambda s, x: (cell(x, s), cell(x, s)[0])
+        (h, c), hs = jax.lax.scan(step, (jnp.zeros(H), jnp.zeros(H)), xs)
+        return hs, (h, c)
+    jax.vmap(run)(batch)
+    # jax_lstm
+    model = jax_lstm.eqx.LSTM(D, H, key=key)
+    hs, state = jax.vmap(model)(batch)                    # state = LSTMState(h, c)
+
+Inside, each example runs ``lstm_stack`` on (T, 1, D), time-major, so under
+``jax.vmap`` the mapped axis becomes the batch of one call of the fused BPTT.
+Needs equinox (``pip install 'jax_lstm[equinox]'``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+try:
+    import equinox as eqx
+except ImportError as e:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError("jax_lstm.eqx needs equinox: pip install 'jax_lstm[equinox]'") from e
+
+from jax_lstm._modules import as_stack, check_rate, hidden_sizes, layout, run_stack
+from jax_lstm.cell import LSTMState
+from jax_lstm.layers import init_stack
+
+__all__ = ["LSTM"]
+
+
+def _default_float():
+    return jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 with jax_enable_x64, else float32
+
+
+def _add_batch(state):
+    """h, c: (H,) -> (1, H); anything but an LSTMState is left for ``run_stack`` to refuse."""
+    return LSTMState(*(jnp.asarray(a)[None] for a in state)) if isinstance(state, LSTMState) else state
+
+
+def _drop_batch(state):
+    return LSTMState(*(a[0] for a in state))
+
+
+class LSTM(eqx.Module):
+    """A stack of LSTM layers (optionally bidirectional) over one sequence, with the hand-written BPTT.
+
+    Per layer and direction the cell is (gate blocks [f | i | g | o])::
+
+        z_t = h_{t-1} @ W + x_t @ U + b
+        c_t = sigmoid(z_f) * c_{t-1} + sigmoid(z_i) * tanh(z_g)
+        h_t = sigmoid(z_o) * tanh(c_t)
+
+    The same function as ``eqx.nn.LSTMCell``; weights convert exactly with
+    ``jax_lstm.interop.from_equinox`` / ``to_equinox``.
+
+    ``self.stack`` is exactly ``init_stack``'s nesting (a tuple of layers, each
+    a tuple of one ``LSTMParams`` per direction): ``lstm_stack``,
+    ``jax_lstm.interop`` and checkpoints take it as it is.
+
+    The state is jax_lstm's ``LSTMState(h, c)`` (h, c: (H,)) for one
+    unidirectional layer, and otherwise the stack's nesting: per layer a tuple
+    with one ``LSTMState`` per direction (forward, reverse). This is the order
+    of ``eqx.nn.LSTMCell``'s ``(h, c)``; Flax's cells use ``(c, h)``.
+
+    Dropout follows ``eqx.nn.Dropout``: on unless ``inference`` is True (see
+    ``eqx.nn.inference_mode``), and then a ``key`` is required.
+
+    Args:
+      input_size: D, the size of each input vector.
+      hidden_size: H for every layer, or one size per layer.
+      num_layers: number of layers when ``hidden_size`` is an int.
+      bidirectional: every layer also runs in reverse; its output is
+        ``[forward | reverse]``, 2 H wide.
+      dropout: inverted dropout on each layer's output before the next layer
+        (never on the last layer's output), a Python float in [0, 1).
+      recurrent_dropout: inverted dropout on h_{t-1} where it enters the gates,
+        one mask per sequence, layer and direction.
+      forget_bias: initial value of the forget-gate bias.
+      inference: start with dropout off.
+      dtype: dtype of the weights; default float32, or float64 when JAX runs
+        with x64 (as Equinox's layers do).
+      key: PRNG key for the weights.
+    """
+
+    stack: tuple
+    dropout: float = eqx.field(static=True)
+    recurrent_dropout: float = eqx.field(static=True)
+    inference: bool
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int | Sequence[int],
+        *,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        forget_bias: float = 1.0,
+        inference: bool = False,
+        dtype=None,
+        key: jax.Array,
+    ):
+        sizes = hidden_sizes(hidden_size, num_layers, "hidden_size")
+        self.dropout = check_rate(dropout, "dropout")
+        self.recurrent_dropout = check_rate(recurrent_dropout, "recurrent_dropout")
+        self.inference = bool(inference)
+        self.stack = init_stack(
+            key,
+            input_size,
+            sizes,
+            bidirectional=bidirectional,
+            forget_bias=forget_bias,
+            dtype=_default_float() if dtype is None else dtype,
+        )
+
+    @classmethod
+    def from_params(
+        cls, stack, *, dropout: float = 0.0, recurrent_dropout: float = 0.0, inference: bool = False
+    ) -> LSTM:
+        """A module holding ``stack`` (``init_stack``'s nesting, e.g. from ``jax_lstm.interop``); sizes from it."""
+        stack = as_stack(stack)
+        d0, sizes, bidirectional = layout(stack)
+        model = cls(
+            d0,
+            sizes,
+            bidirectional=bidirectional,
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            inference=inference,
+            dtype=stack[0][0].W.dtype,
+            key=jax.random.PRNGKey(0),
+        )
+        return eqx.tree_at(lambda m: m.stack, model, stack)
+
+    def to_params(self):
+        """The weights, ``init_stack``'s nesting (``StackParams``)."""
+        return self.stack
+
+    @property
+    def input_size(self) -> int:
+        return layout(self.stack)[0]
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return layout(self.stack)[1]
+
+    @property
+    def bidirectional(self) -> bool:
+        return layout(self.stack)[2]
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        state=None,
+        *,
+        seq_length: jax.Array | int | None = None,
+        mask: jax.Array | None = None,
+        resets: jax.Array | None = None,
+        key: jax.Array | None = None,
+        inference: bool | None = None,
+    ):
+        """Run the stack over one sequence.
+
+        Args:
+          inputs: (T, D), one example; ``jax.vmap(model)`` for a batch.
+          state: ``LSTMState(h, c)`` (one unidirectional layer) or the stack
+            nesting of ``LSTMState``; h, c: (H_l,). None means zeros.
+          seq_length: optional integer scalar; steps t >= seq_length are
+            padding: zero output, state unchanged.
+          mask: optional (T,) bool; False skips the step.
+          resets: optional (T,) bool; True sets the state back to ``state``
+            (zeros if None) before the step.
+          key: PRNG key for dropout (required when a rate is > 0 and not in
+            inference mode).
+          inference: overrides ``self.inference`` for this call.
+
+        Returns:
+          ``(outputs, final_state)``: outputs (T, H_L), or (T, 2 H_L)
+          bidirectional; final_state in the form of ``state``, h, c: (H_l,).
+        """
+        d0 = self.input_size
+        if not hasattr(inputs, "ndim") or inputs.ndim != 2 or inputs.shape[1] != d0:
+            raise ValueError(
+                f"inputs has shape {getattr(inputs, 'shape', None)}, expected (T, D) = (T, {d0}): one example "
+                "(use jax.vmap(model) for a batch)"
+            )
+        inference = self.inference if inference is None else inference
+        dropout = 0.0 if inference else self.dropout
+        recurrent_dropout = 0.0 if inference else self.recurrent_dropout
+        if (dropout > 0.0 and len(self.stack) > 1 or recurrent_dropout > 0.0) and key is None:
+            raise ValueError(
+                "dropout is on (inference=False) and needs a key: call model(x, key=key), "
+                "or turn it off with eqx.nn.inference_mode(model)"
+            )
+        if seq_length is not None:
+            seq_length = jnp.asarray(seq_length)
+            if seq_length.ndim != 0:
+                raise ValueError(f"seq_length must be a scalar (one example), got shape {seq_length.shape}")
+            seq_length = seq_length[None]
+        for name, a in (("mask", mask), ("resets", resets)):
+            if a is not None and getattr(a, "shape", None) != inputs.shape[:1]:
+                raise ValueError(
+                    f"{name} has shape {getattr(a, 'shape', None)}, expected (T,) = {inputs.shape[:1]} from inputs"
+                )
+        if isinstance(state, LSTMState):
+            state = _add_batch(state)
+        elif isinstance(state, (tuple, list)) and len(state) == len(self.stack):
+            state = tuple(
+                layer if not isinstance(layer, (tuple, list)) else tuple(_add_batch(s) for s in layer)
+                for layer in state
+            )
+        final, hs = run_stack(
+            self.stack,
+            inputs[:, None],
+            state,
+            time_major=True,
+            seq_lengths=seq_length,
+            mask=None if mask is None else mask[:, None],
+            resets=None if resets is None else resets[:, None],
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            key=key,
+            carry_name="state",
+        )
+        if isinstance(final, LSTMState):
+            final = _drop_batch(final)
+        else:
+            final = tuple(tuple(_drop_batch(s) for s in layer) for layer in final)
+        return hs[:, 0], final
