@@ -1,20 +1,50 @@
 """The ``jax-lstm`` command line (also ``python -m jax_lstm``).
 
-Each subcommand is owned by the module that implements it: that module exposes
-``main(argv) -> int`` and builds its own argparse parser, so ``jax-lstm NAME
---help`` shows that subcommand's flags.
+``train``, ``sample`` and ``evaluate`` are defined here, each as a parser and a
+``main_NAME(argv) -> int``; ``gradcheck`` and ``bench`` belong to their modules,
+imported when called. ``jax-lstm NAME --help`` shows a command's flags.
+
+Exit codes: 0 success, 1 failure (a NaN, an unreadable or unfitting
+checkpoint), 2 bad arguments (nothing written), 130 interrupted (after
+writing a checkpoint).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
+import math
+import os
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jax_lstm import checkpoint, parallel
+from jax_lstm.reporting import fmt, summary_table, table
+from jax_lstm.tasks import DEFAULT_TASK, TASKS, get_task
+from jax_lstm.train import (
+    DTYPES,
+    EXIT_FAIL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    GRADS,
+    OPTIMIZERS,
+    PROGRESS_MODES,
+    SCHEDULES,
+    TrainConfig,
+    checkpoint_path,
+    enable_x64_if,
+    load_run,
+    train,
+)
 
 # subcommand -> (module, function, one-line help)
 COMMANDS = {
-    "train": ("jax_lstm.train", "main_train", "train an LSTM on an embedded task (default: charlm)"),
-    "sample": ("jax_lstm.train", "main_sample", "generate text from a charlm checkpoint"),
-    "evaluate": ("jax_lstm.train", "main_evaluate", "evaluate a checkpoint on its task's validation split"),
+    "train": ("jax_lstm.cli", "main_train", "train an LSTM on an embedded task (default: charlm)"),
+    "sample": ("jax_lstm.cli", "main_sample", "generate text from a charlm checkpoint"),
+    "evaluate": ("jax_lstm.cli", "main_evaluate", "evaluate a checkpoint on its task's validation split"),
     "gradcheck": ("jax_lstm.gradcheck", "main", "compare hand-written BPTT with autodiff and finite differences"),
     "bench": ("jax_lstm.bench", "main", "benchmark manual BPTT against autodiff, Flax and PyTorch"),
 }
@@ -38,6 +68,252 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, func, _ = COMMANDS[name]
     return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+def _number(convert: Callable, ok: Callable, what: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, accept it if ``ok``, else say it must be ``what``."""
+
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            v = None
+        if v is None or not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return v
+
+    return parse
+
+
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+_nonneg_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number")
+
+
+def _rate(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return v
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
+    """Parse, turning argparse's exit into a return code (2 for errors, 0 for --help)."""
+    try:
+        return parser.parse_args(list(argv))
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+
+
+def _error(prog: str, message: str, code: int) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jax-lstm train",
+        description="Train an LSTM (hand-written BPTT by default) on an embedded task. With no arguments: "
+        "charlm, the character-level language model on Python's pydoc_data text, about 5 minutes on 2 CPU cores.",
+        epilog="Defaults per task: "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v}" for k, v in t.defaults.items() if k in ("steps", "hidden", "lr"))
+            for name, t in TASKS.items()
+        ),
+    )
+    p.add_argument("--task", choices=sorted(TASKS), help=f"the task (default {DEFAULT_TASK})")
+    p.add_argument("--steps", type=_positive_int, help="total optimizer steps (default: the task's)")
+    p.add_argument("--seed", type=_nonneg_int, help="seed of params and data (default 0)")
+    p.add_argument("--out", metavar="DIR", help="run directory (default runs/TASK)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="PATH",
+        help="continue the run in --out, or the one in PATH (a run directory or checkpoint file)",
+    )
+    p.add_argument("--force", action="store_true", help="start over in a directory that holds a checkpoint")
+    p.add_argument("--grad", choices=tuple(GRADS), help="manual: hand-written BPTT (default); autodiff: lstm_ref")
+    p.add_argument("--metrics", metavar="FILE", help="JSON-lines log (default DIR/metrics.jsonl)")
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--seq-len", type=_positive_int, help="window length (charlm) or sequence length (sine)")
+    p.add_argument("--hidden", type=_positive_int, help="LSTM hidden size H")
+    p.add_argument("--embed", type=_positive_int, help="embedding size (charlm)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="default adam")
+    p.add_argument("--lr", type=_positive_float, help="peak learning rate")
+    p.add_argument("--schedule", choices=SCHEDULES, help="constant or warm-up + cosine decay to lr/10")
+    p.add_argument("--warmup", type=_nonneg_int, help="warm-up steps")
+    p.add_argument("--clip", type=_nonneg_float, help="clip gradients to this global norm (0: off)")
+    p.add_argument("--dropout", type=_rate, help="dropout rate on the LSTM outputs in training (charlm default 0.2)")
+    p.add_argument("--dtype", choices=DTYPES, help="default float32")
+    p.add_argument("--log-every", type=_positive_int, help="evaluate, log and checkpoint every N steps")
+    p.add_argument(
+        "--time-limit",
+        type=_nonneg_float,
+        metavar="SECONDS",
+        help="stop (with a checkpoint) after this many seconds; 0: no limit (charlm default 480, a safety cap)",
+    )
+    p.add_argument("--progress", choices=PROGRESS_MODES, default="auto", help="progress display on stderr")
+    p.add_argument(
+        "--no-sample",
+        action="store_true",
+        help="do not print the text sample (charlm) or example sums (addition) at the end",
+    )
+    dp = p.add_argument_group("data parallel (jax.sharding; see README, Scale out)")
+    dp.add_argument("--devices", type=_positive_int, help="split each batch over the first N devices")
+    dp.add_argument("--coordinator", metavar="HOST:PORT", help="jax.distributed coordinator (process 0's address)")
+    dp.add_argument("--num-processes", type=_positive_int, help="processes in a jax.distributed run")
+    dp.add_argument("--process-id", type=_nonneg_int, help="this process's rank in a jax.distributed run")
+    return p
+
+
+def main_train(argv: Sequence[str]) -> int:
+    """``jax-lstm train``: returns 0 on success, 1 on failure (NaN, bad checkpoint), 2 on bad
+    arguments, 130 when interrupted (after writing a checkpoint)."""
+    prog = "jax-lstm train"
+    args = _parse(train_parser(), argv)
+    if isinstance(args, int):
+        return args
+    config = TrainConfig(
+        task=args.task,
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        hidden=args.hidden,
+        embed=args.embed,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        schedule=args.schedule,
+        warmup=args.warmup,
+        clip=args.clip,
+        dropout=args.dropout,
+        dtype=args.dtype,
+        grad=args.grad,
+        log_every=args.log_every,
+        time_limit=args.time_limit,
+    )
+    out = args.out
+    if out is None and not (args.resume and args.resume is not True):
+        out = os.path.join("runs", args.task or DEFAULT_TASK)
+    if args.resume and args.force:
+        return _error(prog, "--resume and --force contradict each other", EXIT_USAGE)
+    multi = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in multi):
+        if any(v is None for v in multi):
+            return _error(prog, "--coordinator, --num-processes and --process-id go together", EXIT_USAGE)
+        try:
+            parallel.initialize(args.coordinator, args.num_processes, args.process_id)
+        except (ValueError, RuntimeError) as e:
+            return _error(prog, f"jax.distributed could not start: {e}", EXIT_FAIL)
+        if args.process_id != 0:  # process 0 alone writes the run directory
+            out, args.metrics = None, None
+    enable_x64_if(args.dtype)
+    try:
+        result = train(
+            config,
+            out_dir=out,
+            resume=args.resume,
+            force=args.force,
+            metrics_path=args.metrics,
+            progress=args.progress,
+            devices=args.devices,
+        )
+    except checkpoint.CheckpointError as e:
+        return _error(prog, str(e), EXIT_FAIL)
+    except (ValueError, FileExistsError) as e:
+        return _error(prog, str(e), EXIT_USAGE)
+    task = get_task(result.config.task)
+    print(summary_table(result, task, result.n_params))
+    if result.stop != "nan" and not args.no_sample:
+        demo = task.demo(result.state.params, result.data, GRADS[result.config.grad])
+        if demo:
+            print(demo)
+    if result.stop == "nan":
+        return _error(prog, result.message, EXIT_FAIL)
+    print(f"{prog}: {result.message}", file=sys.stderr)
+    return EXIT_INTERRUPTED if result.stop == "interrupted" else EXIT_OK
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jax-lstm sample", description="Generate text from a charlm checkpoint.")
+    p.add_argument(
+        "--checkpoint",
+        default=os.path.join("runs", "charlm"),
+        metavar="PATH",
+        help="run directory or checkpoint file (default runs/charlm)",
+    )
+    p.add_argument("--prompt", default="The ", help="text the model reads first (default 'The ')")
+    p.add_argument("--length", type=_positive_int, default=500, help="characters to generate (default 500)")
+    p.add_argument("--temperature", type=_positive_float, default=0.8, help="> 0; lower is more conservative")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    return p
+
+
+def main_sample(argv: Sequence[str]) -> int:
+    """``jax-lstm sample``: print the prompt and the generated text."""
+    from jax_lstm.tasks import charlm
+
+    prog = "jax-lstm sample"
+    args = _parse(sample_parser(), argv)
+    if isinstance(args, int):
+        return args
+    if not args.prompt:
+        return _error(prog, "--prompt must not be empty", EXIT_USAGE)
+    try:
+        run = load_run(args.checkpoint)
+    except checkpoint.CheckpointError as e:
+        return _error(prog, str(e), EXIT_FAIL)
+    if run.task.name != "charlm":
+        return _error(prog, f"{args.checkpoint} is a {run.task.name} checkpoint; sample needs a charlm one", EXIT_USAGE)
+    try:
+        text = charlm.sample(run.state.params, run.data.vocab, args.prompt, args.length, args.temperature, args.seed)
+    except ValueError as e:
+        return _error(prog, f"--prompt: {e}", EXIT_USAGE)
+    print(args.prompt + text)
+    return EXIT_OK
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jax-lstm evaluate", description="Evaluate a checkpoint on its task's validation split."
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=os.path.join("runs", "charlm"),
+        metavar="PATH",
+        help="run directory or checkpoint file (default runs/charlm)",
+    )
+    p.add_argument("--grad", choices=tuple(GRADS), default="manual", help="which LSTM runs the forward pass")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def main_evaluate(argv: Sequence[str]) -> int:
+    """``jax-lstm evaluate``: the validation metric and loss of a checkpoint, beside the baselines."""
+    prog = "jax-lstm evaluate"
+    args = _parse(evaluate_parser(), argv)
+    if isinstance(args, int):
+        return args
+    try:
+        run = load_run(args.checkpoint)
+    except checkpoint.CheckpointError as e:
+        return _error(prog, str(e), EXIT_FAIL)
+    values = run.task.make_evaluator(run.data, run.config, GRADS[args.grad])(run.state.params)
+    baselines = run.task.baselines(run.data)
+    if args.json:
+        print(json.dumps({"task": run.task.name, "step": run.state.step, **values, "baselines": baselines}))
+        return EXIT_OK
+    rows = [("checkpoint", f"{checkpoint_path(args.checkpoint)} (step {run.state.step})"), ("task", run.task.name)]
+    rows += [(k, fmt(v)) for k, v in values.items()]
+    rows += [(f"baseline: {k}", fmt(v)) for k, v in baselines.items()]
+    print(table(rows))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

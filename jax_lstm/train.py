@@ -1,5 +1,4 @@
-"""Training: the optax loop, the jit-compiled train step, evaluation, callbacks, and the commands
-``jax-lstm train``, ``jax-lstm sample`` and ``jax-lstm evaluate``.
+"""Training: the optax loop, the jit-compiled train step, evaluation at log steps, callbacks and checkpoints.
 
 The train step is a pure function ``(params, opt_state, batch) -> (params,
 opt_state, metrics)`` (``make_train_step``): every array in ``batch`` has the
@@ -17,14 +16,16 @@ reproduces an uninterrupted run exactly. Ctrl-C finishes the current step,
 writes a checkpoint and returns (a second Ctrl-C stops at once and keeps the
 last checkpoint); a NaN or infinite loss, or validation loss, stops the run
 and leaves the last checkpoint (written before the bad step) in place.
+
+The command line (``jax-lstm train``, ``sample``, ``evaluate``) is in
+``jax_lstm.cli``; the progress line, the summary table and the plots in
+``jax_lstm.reporting``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
@@ -46,22 +47,22 @@ from jax_lstm import checkpoint, parallel
 from jax_lstm.bptt import lstm
 from jax_lstm.cell import LSTMState
 from jax_lstm.reference import lstm_ref
+from jax_lstm.reporting import Progress, fmt, plot_curves
 from jax_lstm.tasks import DEFAULT_TASK, TASKS, Task, get_task
 
 __all__ = [
     "TrainConfig",
     "TrainState",
     "TrainResult",
+    "LoadedRun",
     "GRADS",
     "make_optimizer",
     "make_train_step",
     "init_state",
     "train",
     "load_run",
-    "plot_curves",
-    "main_train",
-    "main_sample",
-    "main_evaluate",
+    "checkpoint_path",
+    "enable_x64_if",
 ]
 
 GRADS = {"manual": lstm, "autodiff": lstm_ref}
@@ -87,6 +88,8 @@ FIXED_FIELDS = (
     "dropout",
     "dtype",
 )
+# Fields a resumed run may change.
+RESUMABLE_FIELDS = ("steps", "grad", "log_every", "time_limit")
 
 # Exit codes of the commands.
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -303,7 +306,8 @@ def count_params(params) -> int:
     return int(sum(np.size(a) for a in jax.tree.leaves(params)))
 
 
-def _checkpoint_path(path: str | os.PathLike) -> Path:
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """The checkpoint file of ``path``: the file itself, or ``checkpoint.npz`` in a run directory."""
     path = Path(path)
     return path / checkpoint.FILENAME if path.is_dir() or not path.suffix else path
 
@@ -318,6 +322,8 @@ def _config_from_header(header: dict) -> TrainConfig:
 
 
 class LoadedRun(NamedTuple):
+    """A checkpoint read back with everything needed to continue or evaluate it."""
+
     task: Task
     config: TrainConfig
     data: Any
@@ -326,7 +332,8 @@ class LoadedRun(NamedTuple):
     optimizer: optax.GradientTransformation
 
 
-def _enable_x64_if(dtype: str | None) -> None:
+def enable_x64_if(dtype: str | None) -> None:
+    """Turn on ``jax_enable_x64`` for a float64 run (the command line's way to honour ``--dtype float64``)."""
     if dtype == "float64" and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)
 
@@ -342,11 +349,11 @@ def load_run(path: str | os.PathLike, config: TrainConfig | None = None) -> Load
     Raises:
       CheckpointError: missing, corrupted, or of another model.
     """
-    path = _checkpoint_path(path)
+    path = checkpoint_path(path)
     header = checkpoint.read_header(path)
     if config is None:
         config = _config_from_header(header)
-        _enable_x64_if(config.dtype)
+        enable_x64_if(config.dtype)
         try:
             config = config.resolved()
         except (ValueError, TypeError) as e:
@@ -373,167 +380,227 @@ def load_run(path: str | os.PathLike, config: TrainConfig | None = None) -> Load
     return LoadedRun(task, config, data, state, header, optimizer)
 
 
-# --------------------------------------------------------------------------- progress and reports
+# --------------------------------------------------------------------------- the loop's parts
 
 
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+class _Plan(NamedTuple):
+    """A run checked and ready to start: nothing has been written yet."""
+
+    config: TrainConfig
+    task: Task
+    data: Any
+    optimizer: optax.GradientTransformation
+    state: TrainState
+    out_dir: Path | None
+    metrics_path: Path | None
+    resumed: bool
+    elapsed0: float  # seconds spent by the earlier runs of a resumed run
 
 
-def _fmt(v: float | None) -> str:
-    if v is None or not isinstance(v, (int, float)):
-        return "-"
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-        return f"{v:.3e}"
-    return f"{v:.4f}"
+def _resume_config(config: TrainConfig, ckpt: Path) -> TrainConfig:
+    """The checkpoint's config with this call's ``RESUMABLE_FIELDS``; ValueError if a fixed field differs."""
+    saved = _config_from_header(checkpoint.read_header(ckpt))
+    enable_x64_if(saved.dtype)
+    try:
+        saved.resolved()
+    except (ValueError, TypeError) as e:
+        raise checkpoint.CheckpointError(f"checkpoint {ckpt} has an invalid config: {e}") from None
+    conflicts = [
+        f"{name}={getattr(config, name)!r} (the checkpoint has {getattr(saved, name)!r})"
+        for name in FIXED_FIELDS
+        if getattr(config, name) is not None and getattr(config, name) != getattr(saved, name)
+    ]
+    if conflicts:
+        raise ValueError(
+            f"cannot resume {ckpt} with different settings: {'; '.join(conflicts)}. "
+            "A resumed run keeps its model, data and optimizer settings; only steps, grad, log_every "
+            "and time_limit may change"
+        )
+    changes = {name: getattr(config, name) for name in RESUMABLE_FIELDS if getattr(config, name) is not None}
+    return dataclasses.replace(saved, **changes).resolved()
 
 
-class Progress:
-    """A one-line progress bar on stderr: step, loss, validation metric, steps/s, ETA.
+def _plan(config: TrainConfig, out_dir, resume, force: bool, metrics_path) -> _Plan:
+    """Resolve the config, read the checkpoint to resume and check the paths; write nothing."""
+    if resume:
+        ckpt = checkpoint_path(out_dir if resume is True else resume)
+        out_dir = ckpt.parent if out_dir is None else out_dir
+        config = _resume_config(config, ckpt)
+        loaded = load_run(ckpt, config)
+        task, data, optimizer, state = loaded.task, loaded.data, loaded.optimizer, loaded.state
+        elapsed0 = float(loaded.header.get("meta", {}).get("elapsed", 0.0))
+    else:
+        config = config.resolved()
+        task = get_task(config.task)
+        data = task.setup(config)
+        optimizer, _ = make_optimizer(config)
+        state = init_state(task, config, data, optimizer)
+        elapsed0 = 0.0
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--out {out_dir} exists and is not a directory")
+        existing = out_dir / checkpoint.FILENAME
+        if not resume and not force and existing.exists():
+            raise FileExistsError(
+                f"{out_dir} already holds a checkpoint ({existing}); continue it with --resume, "
+                "start over with --force, or choose another --out"
+            )
+    if metrics_path is None and out_dir is not None:
+        metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = Path(metrics_path) if metrics_path is not None else None
+    if metrics_path is not None and metrics_path.is_dir():
+        raise ValueError(f"--metrics {metrics_path} is a directory")
+    return _Plan(config, task, data, optimizer, state, out_dir, metrics_path, bool(resume), elapsed0)
 
-    Modes: ``bar`` rewrites one line with a carriage return (at most 10 times a
-    second), ``lines`` prints one line per log step (for logs and pipes),
-    ``none`` prints nothing, ``auto`` is ``bar`` on a terminal and ``lines`` otherwise.
+
+def _jsonable(x):
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+class RunFiles:
+    """The files of a run: ``config.json``, ``metrics.jsonl`` (one line per log step) and the checkpoint.
+
+    ``out_dir`` None writes no config and no checkpoint; ``metrics_path`` None writes no metrics.
     """
 
-    def __init__(self, total: int, start: int, metric: str, mode: str = "auto", stream: TextIO | None = None):
-        self.stream = stream if stream is not None else sys.stderr
-        if mode == "auto":
-            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "lines"
-        self.mode, self.total, self.metric = mode, total, metric
-        self.t0: float | None = None  # time of the first finished step (after compilation)
-        self.s0 = start
-        self.last_draw = 0.0
-        self.width = 0
+    def __init__(self, out_dir: Path | None, metrics_path: Path | None):
+        self.out_dir, self.metrics_path = out_dir, metrics_path
+        self.checkpoint = out_dir / checkpoint.FILENAME if out_dir is not None else None
+        self.last_saved: int | None = None  # the step of the checkpoint on disk, if any
+        self._metrics = None
 
-    def rate(self, step: int) -> float:
-        if self.t0 is None or step <= self.s0:
-            return float("nan")
-        return (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
+    def start(self, description: dict, records: list[dict], saved_step: int | None) -> None:
+        """Write ``config.json`` and rewrite the metrics file to ``records`` (a resumed run's earlier lines)."""
+        self.last_saved = saved_step
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write(self.out_dir / "config.json", (json.dumps(description, indent=1) + "\n").encode())
+        if self.metrics_path is not None:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+            self._metrics = open(self.metrics_path, "a")  # noqa: SIM115 (closed by close())
 
-    def line(self, step: int, loss: float | None, metric: float | None, limit_left: float | None = None) -> str:
-        rate = self.rate(step)
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        if limit_left is not None:
-            eta = min(eta, limit_left) if math.isfinite(eta) else limit_left
-        frac = step / self.total if self.total else 1.0
-        bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
-        return (
-            f"{step:>{len(str(self.total))}}/{self.total} [{bar}] {100 * frac:3.0f}% | loss {_fmt(loss)} | "
-            f"{self.metric} {_fmt(metric)} | {rate:.1f} steps/s | ETA {_fmt_time(eta)}"
-        )
+    def append(self, record: dict) -> None:
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
 
-    def update(self, step, loss, metric, *, logged: bool = False, limit_left: float | None = None) -> None:
-        now = time.perf_counter()
-        if self.t0 is None:
-            self.t0, self.s0 = now, step
-        if self.mode == "none":
-            return
-        if self.mode == "lines":
-            if logged:
-                print(self.line(step, loss, metric, limit_left), file=self.stream, flush=True)
-            return
-        if logged or step == self.total or now - self.last_draw >= 0.1:
-            text = self.line(step, loss, metric, limit_left)
-            pad = max(self.width - len(text), 0)
-            self.stream.write("\r" + text + " " * pad)
-            self.stream.flush()
-            self.width, self.last_draw = len(text), now
+    def save(self, arrays: dict, step: int, config: dict, meta: dict) -> None:
+        """Write the checkpoint of ``step`` (host arrays), atomically."""
+        if self.checkpoint is not None:
+            checkpoint.save(self.checkpoint, arrays, config=config, meta={"step": step, **meta})
+            self.last_saved = step
 
     def close(self) -> None:
-        if self.mode == "bar" and self.width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.width = 0
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
 
 
-def _table(rows: Sequence[tuple[str, str]]) -> str:
-    w = max(len(k) for k, _ in rows)
-    rule = "-" * (w + 2 + max(len(v) for _, v in rows))
-    return "\n".join([rule, *(f"{k:<{w}}  {v}" for k, v in rows), rule])
+def _earlier_records(path: Path | None, upto: int) -> list[dict]:
+    """The metrics lines of a resumed run up to its checkpoint's step (later ones were not saved)."""
+    records = []
+    if path is not None and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= upto:
+                records.append(r)
+    return records
 
 
-def summary_table(result: TrainResult, task: Task, n_params: int) -> str:
-    """The end-of-run table: run, steps, time, losses, metric against the baselines, files."""
-    cfg, recs = result.config, result.records
-    last = recs[-1] if recs else {}
-    rows = [
-        (
-            "task",
-            f"{cfg.task} ({task.metric}: {task.metric_label}, {'higher' if task.higher_is_better else 'lower'} "
-            "is better)",
-        ),
-        (
-            "model",
-            f"LSTM H={cfg.hidden}"
-            + (f", embedding {cfg.embed}" if cfg.task == "charlm" else "")
-            + (f", dropout {cfg.dropout:g}" if cfg.dropout else "")
-            + f", {n_params:,} parameters, {cfg.dtype}, grad {cfg.grad}",
-        ),
-        ("steps", f"{result.state.step} of {cfg.steps} (batch {cfg.batch_size} x {cfg.seq_len})"),
-        ("stopped", f"{result.stop}: {result.message}"),
-        ("time", f"{_fmt_time(result.elapsed)} ({result.state.step / max(result.elapsed, 1e-9):.1f} steps/s overall)"),
-    ]
-    if last:
-        rows.append(("train loss (last log)", _fmt(last.get("loss"))))
-        rows.append(("val loss", _fmt(last.get("val_loss"))))
-        rows.append((f"{task.metric} (step {last['step']})", _fmt(last.get(task.metric))))
-        pick = max if task.higher_is_better else min
-        best = pick(recs, key=lambda r: r.get(task.metric, float("nan")))
-        rows.append((f"best {task.metric}", f"{_fmt(best.get(task.metric))} at step {best['step']}"))
-    for name, v in result.baselines.items():
-        rows.append((f"baseline: {name}", _fmt(v)))
-    if result.out_dir is not None:
-        names = sorted(p.name for p in result.out_dir.iterdir() if not p.name.startswith("."))
-        rows.append(("files", f"{result.out_dir}/ {', '.join(names)}"))
-    return _table(rows)
+class _Device(NamedTuple):
+    """Where the step runs: ``step`` (jitted), ``place`` (a host batch onto the devices) and ``to_host``."""
+
+    step: Callable
+    place: Callable
+    to_host: Callable
+    put: Callable  # a TrainState onto the devices
 
 
-def plot_curves(records: list[dict], task: Task, baselines: dict[str, float], path: str | os.PathLike) -> None:
-    """Write a PNG of the training and validation curves (matplotlib, Agg backend), atomically."""
-    import matplotlib
+def _device(train_step: Callable, devices: int | None, batch_size: int, stream: TextIO) -> _Device:
+    """One device (plain ``jax.jit``), or data parallel over a mesh when ``devices`` or processes ask for it."""
+    if devices is None and jax.process_count() == 1:
+        same = lambda x: x  # noqa: E731
+        return _Device(jax.jit(train_step, donate_argnums=(0, 1)), same, same, same)
+    mesh = parallel.make_mesh(devices)
+    print(parallel.describe(mesh, batch_size), file=stream, flush=True)
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    def put(state: TrainState) -> TrainState:
+        return state._replace(
+            params=parallel.replicate(mesh, state.params), opt_state=parallel.replicate(mesh, state.opt_state)
+        )
 
-    steps = [r["step"] for r in records]
-    records = [{k: (float("nan") if v is None else v) for k, v in r.items()} for r in records]
-    same = getattr(task, "loss_is_metric", False)
-    fig, axes = plt.subplots(1, 1 if same else 2, figsize=(6.4 if same else 11, 4.2), squeeze=False)
-    ax = axes[0, 0]
-    ax.plot(steps, [r["loss"] for r in records], label="train loss (mean since previous log)")
-    ax.plot(steps, [r["val_loss"] for r in records], label="validation loss", marker="o", markersize=3)
-    if same:
-        for i, (name, v) in enumerate(baselines.items()):
-            ax.axhline(v, ls="--", color=f"C{i + 2}", label=f"baseline: {name} ({v:.3g})")
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"loss ({task.metric_label})" if same else "loss")
-    values = [v for r in records for v in (r["loss"], r["val_loss"])] + (list(baselines.values()) if same else [])
-    values = [v for v in values if math.isfinite(v)]
-    if values and min(values) > 0 and max(values) / min(values) > 20:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if not same:
-        ax2 = axes[0, 1]
-        ax2.plot(steps, [r[task.metric] for r in records], marker="o", markersize=3, label=task.metric)
-        for i, (name, v) in enumerate(baselines.items()):
-            ax2.axhline(v, ls="--", color=f"C{i + 2}", label=f"baseline: {name} ({v:.3g})")
-        ax2.set_xlabel("step")
-        ax2.set_ylabel(f"{task.metric} ({task.metric_label})")
-        ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=8)
-    fig.suptitle(f"jax_lstm {task.name}")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    checkpoint.atomic_write(path, buf.getvalue())
+    return _Device(
+        parallel.data_parallel(train_step, mesh), lambda b: parallel.shard_batch(mesh, b), parallel.to_host, put
+    )
+
+
+class _Clock:
+    """Seconds since this call started, and in all (the earlier runs of a resumed run included)."""
+
+    def __init__(self, earlier: float = 0.0):
+        self.earlier, self.start = earlier, time.perf_counter()
+
+    def since_start(self) -> float:
+        return time.perf_counter() - self.start
+
+    def elapsed(self) -> float:
+        return self.earlier + self.since_start()
+
+
+class _Logger:
+    """What happens at a log step: evaluate, record, append to the metrics file, save, run the callbacks.
+
+    Between log steps it collects the training losses and gradient norms (``add``); ``records`` holds
+    every record of the run, a resumed run's earlier ones first.
+    """
+
+    def __init__(self, config, evaluate, files: RunFiles, callbacks, records, clock: _Clock, to_host, meta: dict):
+        self.evaluate, self.files, self.callbacks = evaluate, files, list(callbacks)
+        self.records, self.clock, self.to_host = records, clock, to_host
+        self.lr_at = make_optimizer(config)[1]
+        self.ckpt_config, self.ckpt_meta = dataclasses.asdict(config), meta
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+
+    def add(self, losses: list[float], grad_norms: list[float]) -> None:
+        self.losses += losses
+        self.grad_norms += grad_norms
+
+    @property
+    def last(self) -> dict:
+        return self.records[-1] if self.records else {}
+
+    def save(self, state: TrainState) -> None:
+        meta = {"elapsed": self.clock.elapsed(), **self.ckpt_meta}
+        self.files.save(self.to_host(state.arrays()), state.step, self.ckpt_config, meta)
+
+    def __call__(self, state: TrainState) -> _Stop | None:
+        """Log ``state``; a stop if the validation loss is not finite (nothing saved) or a callback asks."""
+        record = {
+            "step": state.step,
+            "loss": float(np.mean(self.losses)) if self.losses else None,
+            "grad_norm": float(np.mean(self.grad_norms)) if self.grad_norms else None,
+            "lr": self.lr_at(max(state.step - 1, 0)),
+            **self.evaluate(self.to_host(state.params)),
+            "elapsed": round(self.clock.elapsed(), 3),
+        }
+        self.losses, self.grad_norms = [], []
+        bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+        record = {k: _jsonable(v) for k, v in record.items()}
+        self.records.append(record)
+        self.files.append(record)
+        if bad:
+            what = ", ".join(f"{k} became {v}" for k, v in bad.items())
+            return _Stop("nan", _nan_message(what, state.step, self.files))
+        self.save(state)
+        if any([bool(cb(record, state)) for cb in self.callbacks]):
+            return _Stop("callback", f"stopped by a callback at step {state.step}")
+        return None
 
 
 @contextlib.contextmanager
@@ -556,23 +623,26 @@ def _sigint_flag():
         signal.signal(signal.SIGINT, previous)
 
 
-def _read_records(path: Path, upto: int) -> list[dict]:
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= upto:
-                records.append(r)
-    return records
+def _next_batch(task: Task, data, config: TrainConfig, state: TrainState) -> tuple[jax.Array, dict]:
+    """The batch of step ``state.step`` (with the carried state, if the task carries one) and the next key."""
+    key, sub = jax.random.split(state.key)
+    batch = task.train_batch(data, config, state.step, sub)
+    if task.carries_state:
+        batch = {**batch, "h0": state.carry.h, "c0": state.carry.c}
+    return key, batch
 
 
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+def _nan_message(what: str, step: int, files: RunFiles) -> str:
+    if files.checkpoint is None or files.last_saved is None:
+        kept = "no checkpoint had been written yet"
+    else:
+        kept = f"the last good checkpoint (step {files.last_saved}) is kept in {files.checkpoint}"
+    return f"stopped: {what} at step {step}; {kept}. Try a lower --lr or a smaller --clip."
+
+
+class _Stop(NamedTuple):
+    reason: str  # done, interrupted, time_limit, callback, nan
+    message: str
 
 
 # --------------------------------------------------------------------------- the loop
@@ -608,7 +678,7 @@ def train(
         evaluation; a truthy return value stops the run (with a checkpoint).
       metrics_path: JSON-lines file of the log records; default
         ``out_dir/metrics.jsonl``.
-      progress: ``auto``, ``bar``, ``lines`` or ``none`` (see ``Progress``).
+      progress: ``auto``, ``bar``, ``lines`` or ``none`` (see ``jax_lstm.reporting.Progress``).
       stream: where progress goes (default stderr).
       plot: write ``curves.png`` at the end.
       devices: data-parallel over the first ``devices`` devices (the batch axis
@@ -626,471 +696,112 @@ def train(
     Nothing is written before all of these checks pass.
     """
     stream = stream if stream is not None else sys.stderr
-    # ---- check everything before writing anything
-    loaded = None
-    if resume:
-        ckpt = _checkpoint_path(out_dir if resume is True else resume)
-        if out_dir is None:
-            out_dir = ckpt.parent
-        header = checkpoint.read_header(ckpt)
-        saved = _config_from_header(header)
-        conflicts = [
-            f"{name}={getattr(config, name)!r} (the checkpoint has {getattr(saved, name)!r})"
-            for name in FIXED_FIELDS
-            if getattr(config, name) is not None and getattr(config, name) != getattr(saved, name)
-        ]
-        if conflicts:
-            raise ValueError(
-                f"cannot resume {ckpt} with different settings: {'; '.join(conflicts)}. "
-                "A resumed run keeps its model, data and optimizer settings; only steps, grad, log_every "
-                "and time_limit may change"
-            )
-        _enable_x64_if(saved.dtype)
-        try:
-            saved.resolved()
-        except (ValueError, TypeError) as e:
-            raise checkpoint.CheckpointError(f"checkpoint {ckpt} has an invalid config: {e}") from None
-        merged = dataclasses.asdict(saved)
-        for name in ("steps", "grad", "log_every", "time_limit"):
-            if getattr(config, name) is not None:
-                merged[name] = getattr(config, name)
-        _enable_x64_if(merged["dtype"])
-        config = TrainConfig(**merged).resolved()
-        loaded = load_run(ckpt, config)
-    else:
-        config = config.resolved()
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"--out {out_dir} exists and is not a directory")
-        existing = out_dir / checkpoint.FILENAME
-        if not resume and not force and existing.exists():
-            raise FileExistsError(
-                f"{out_dir} already holds a checkpoint ({existing}); continue it with --resume, "
-                "start over with --force, or choose another --out"
-            )
-    if metrics_path is None and out_dir is not None:
-        metrics_path = out_dir / "metrics.jsonl"
-    metrics_path = Path(metrics_path) if metrics_path is not None else None
-    if metrics_path is not None and metrics_path.exists() and metrics_path.is_dir():
-        raise ValueError(f"--metrics {metrics_path} is a directory")
-
-    if loaded is not None:
-        task, data, state, optimizer = loaded.task, loaded.data, loaded.state, loaded.optimizer
-        meta = loaded.header.get("meta", {})
-        elapsed0 = float(meta.get("elapsed", 0.0))
-    else:
-        task = get_task(config.task)
-        data = task.setup(config)
-        optimizer, _ = make_optimizer(config)
-        state = init_state(task, config, data, optimizer)
-        elapsed0 = 0.0
-    _, lr_at = make_optimizer(config)
+    plan = _plan(config, out_dir, resume, force, metrics_path)
+    config, task, data = plan.config, plan.task, plan.data
     lstm_fn = GRADS[config.grad]
-    baselines = task.baselines(data)
-    info = task.info(data)
-    n_params = count_params(state.params)
+    baselines, info, n_params = task.baselines(data), task.info(data), count_params(plan.state.params)
+    files = RunFiles(plan.out_dir, plan.metrics_path)
+    records = _earlier_records(plan.metrics_path, plan.state.step) if plan.resumed else []
+    resumed_at = plan.state.step if plan.resumed else None
+    files.start(_describe_run(config, task, info, n_params, baselines), records, resumed_at)
+    device = _device(make_train_step(task, plan.optimizer, lstm_fn), devices, int(config.batch_size), stream)
+    clock = _Clock(plan.elapsed0)
+    meta = {"info": info, "task": task.name, "baselines": baselines}
+    log = _Logger(
+        config, task.make_evaluator(data, config, lstm_fn), files, callbacks, records, clock, device.to_host, meta
+    )
+    print(_start_line(config, task, n_params, baselines, resumed_at), file=stream, flush=True)
+    bar = Progress(config.steps, plan.state.step, task.metric, progress, stream)
+    try:
+        state, losses, stop = _loop(device.put(plan.state), task, data, config, device, log, bar, clock)
+        bar.close()
+        stop = _finish(stop, state, log)
+        if plot and plan.out_dir is not None and records:
+            plot_curves(records, task, baselines, plan.out_dir / "curves.png")
+    finally:
+        bar.close()
+        files.close()
+    return TrainResult(
+        state,
+        config,
+        records,
+        losses,
+        stop.reason,
+        baselines,
+        clock.elapsed(),
+        plan.out_dir,
+        stop.message,
+        n_params,
+        data,
+    )
 
-    # ---- files
-    records: list[dict] = []
-    metrics_file = None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg_json = {
-            "config": dataclasses.asdict(config),
-            "task": {"name": task.name, "metric": task.metric, "metric_label": task.metric_label, **info},
-            "parameters": n_params,
-            "baselines": baselines,
-            "versions": {"python": sys.version.split()[0], "jax": jax.__version__, "optax": optax.__version__},
-        }
-        checkpoint.atomic_write(out_dir / "config.json", (json.dumps(cfg_json, indent=1) + "\n").encode())
-    if metrics_path is not None:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        if loaded is not None:
-            records = _read_records(metrics_path, state.step)
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        checkpoint.atomic_write(metrics_path, text.encode())
-        metrics_file = open(metrics_path, "a")  # noqa: SIM115 (closed in the finally below)
 
-    train_step = make_train_step(task, optimizer, lstm_fn)
-    place, to_host = (lambda batch: batch), (lambda tree: tree)
-    if devices is None and jax.process_count() == 1:
-        step_fn = jax.jit(train_step, donate_argnums=(0, 1))
-    else:
-        mesh = parallel.make_mesh(devices)
-        print(parallel.describe(mesh, int(config.batch_size)), file=stream, flush=True)
-        step_fn = parallel.data_parallel(train_step, mesh)
-        place, to_host = (lambda batch: parallel.shard_batch(mesh, batch)), parallel.to_host
-        state = state._replace(
-            params=parallel.replicate(mesh, state.params), opt_state=parallel.replicate(mesh, state.opt_state)
-        )
-    evaluate = task.make_evaluator(data, config, lstm_fn)
-    ckpt_path = out_dir / checkpoint.FILENAME if out_dir is not None else None
-    ckpt_config = dataclasses.asdict(config)
-    t_start = time.perf_counter()
-    elapsed = lambda: elapsed0 + time.perf_counter() - t_start  # noqa: E731
-    last_saved = state.step if loaded is not None else None
+def _loop(state, task, data, config, device: _Device, log: _Logger, bar: Progress, clock: _Clock):
+    """Run steps until the last one, a stop at a log step, Ctrl-C or the time limit.
 
-    def save(st: TrainState) -> None:
-        nonlocal last_saved
-        if ckpt_path is not None:
-            meta = {"step": st.step, "elapsed": elapsed(), "info": info, "task": task.name, "baselines": baselines}
-            checkpoint.save(ckpt_path, to_host(st.arrays()), config=ckpt_config, meta=meta)
-            last_saved = st.step
+    Returns:
+      ``(state, losses, stop)``: the state reached, the training loss of every step run, and why it stopped
+      (``_Stop("hard_interrupt", ...)`` after a second Ctrl-C, when the state must not be saved).
+    """
+    losses: list[float] = []
+    stop = None
+    with _sigint_flag() as interrupted:
+        try:
+            while stop is None and state.step < config.steps:
+                key, batch = _next_batch(task, data, config, state)
+                params, opt_state, out = device.step(state.params, state.opt_state, device.place(batch))
+                state = TrainState(state.step + 1, params, opt_state, key, out.get("carry", state.carry))
+                loss, grad_norm = (float(v) for v in jax.device_get((out["loss"], out["grad_norm"])))
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    what = f"the loss became {loss} (gradient norm {grad_norm})"
+                    return state, losses, _Stop("nan", _nan_message(what, state.step, log.files))
+                losses.append(loss)
+                log.add([loss], [grad_norm])
+                logged = state.step % config.log_every == 0 or state.step == config.steps
+                if logged:
+                    stop = log(state)
+                left = config.time_limit - clock.since_start() if config.time_limit else None
+                bar.update(state.step, log.last.get("loss"), log.last.get(task.metric), logged=logged, limit_left=left)
+                if stop is None and interrupted.is_set():
+                    stop = _Stop("interrupted", f"interrupted at step {state.step}")
+                elif stop is None and left is not None and left <= 0:
+                    stop = _Stop("time_limit", f"time limit of {config.time_limit:g} s reached at step {state.step}")
+        except KeyboardInterrupt:  # a second Ctrl-C: the state may be half-updated, so it is not saved
+            stop = _Stop("hard_interrupt", f"interrupted during step {state.step + 1}")
+    return state, losses, stop or _Stop("done", f"finished {state.step} steps")
 
-    print(
+
+def _finish(stop: _Stop, state: TrainState, log: _Logger) -> _Stop:
+    """What a stop leaves behind: a log at the time limit, a checkpoint after Ctrl-C, and the final message."""
+    if stop.reason == "time_limit" and log.last.get("step") != state.step:
+        logged = log(state)
+        stop = logged if logged is not None and logged.reason == "nan" else stop
+    elif stop.reason == "interrupted" and log.files.last_saved != state.step:
+        log.save(state)
+    if stop.reason == "hard_interrupt":
+        stop = _Stop("interrupted", stop.message)
+    if stop.reason == "interrupted" and log.files.checkpoint is not None and log.files.last_saved is not None:
+        where = f"checkpoint at step {log.files.last_saved} in {log.files.checkpoint}, continue with --resume"
+        stop = _Stop("interrupted", f"{stop.message}; {where}")
+    return stop
+
+
+def _describe_run(config: TrainConfig, task: Task, info: dict, n_params: int, baselines: dict) -> dict:
+    """The content of ``config.json``."""
+    return {
+        "config": dataclasses.asdict(config),
+        "task": {"name": task.name, "metric": task.metric, "metric_label": task.metric_label, **info},
+        "parameters": n_params,
+        "baselines": baselines,
+        "versions": {"python": sys.version.split()[0], "jax": jax.__version__, "optax": optax.__version__},
+    }
+
+
+def _start_line(config: TrainConfig, task: Task, n_params: int, baselines: dict, resumed_at: int | None) -> str:
+    return (
         f"{task.name}: {n_params:,} parameters, LSTM H={config.hidden}, batch {config.batch_size} x "
         f"{config.seq_len}, {config.optimizer} lr {config.lr:g} ({config.schedule}), grad {config.grad}, "
         f"{config.dtype}; baselines: "
-        + (", ".join(f"{k} {_fmt(v)}" for k, v in baselines.items()) or "none")
-        + (f"; resuming at step {state.step}" if loaded is not None else ""),
-        file=stream,
-        flush=True,
+        + (", ".join(f"{k} {fmt(v)}" for k, v in baselines.items()) or "none")
+        + (f"; resuming at step {resumed_at}" if resumed_at is not None else "")
     )
-    bar = Progress(config.steps, state.step, task.metric, progress, stream)
-    callbacks = list(callbacks)
-    step, params, opt_state, key, carry = state
-    losses: list[float] = []
-    window: list[tuple[float, float]] = []
-    last_metric = records[-1].get(task.metric) if records else None
-    stop, message, hard = "done", "", False
-
-    def current() -> TrainState:
-        return TrainState(step, params, opt_state, key, carry)
-
-    def nan_message(what: str, at: int) -> str:
-        kept = f"the last good checkpoint (step {last_saved}) is kept in {ckpt_path}"
-        if ckpt_path is None or last_saved is None:
-            kept = "no checkpoint had been written yet"
-        return f"stopped: {what} at step {at}; {kept}. Try a lower --lr or a smaller --clip."
-
-    def log() -> str | None:
-        """Evaluate, record, save, run callbacks. Returns "nan" (bad validation loss, nothing saved),
-        "callback" (a callback asks to stop) or None."""
-        nonlocal window, last_metric
-        rec = {
-            "step": step,
-            "loss": float(np.mean([w[0] for w in window])) if window else None,
-            "grad_norm": float(np.mean([w[1] for w in window])) if window else None,
-            "lr": lr_at(max(step - 1, 0)),
-        }
-        rec.update(evaluate(to_host(params)))
-        rec["elapsed"] = round(elapsed(), 3)
-        bad = {k: v for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)}
-        rec = {k: _jsonable(v) for k, v in rec.items()}
-        records.append(rec)
-        last_metric, window = rec.get(task.metric), []
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
-        if bad:
-            return "nan: " + ", ".join(f"{k} became {v}" for k, v in bad.items())
-        st = current()
-        save(st)
-        return "callback" if any([bool(cb(rec, st)) for cb in callbacks]) else None
-
-    try:
-        with _sigint_flag() as interrupted:
-            try:
-                while step < config.steps:
-                    key, sub = jax.random.split(key)
-                    batch = task.train_batch(data, config, step, sub)
-                    if task.carries_state:
-                        batch = {**batch, "h0": carry.h, "c0": carry.c}
-                    params, opt_state, out = step_fn(params, opt_state, place(batch))
-                    loss, gnorm = (float(v) for v in jax.device_get((out["loss"], out["grad_norm"])))
-                    if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                        stop = "nan"
-                        message = nan_message(f"the loss became {loss} (gradient norm {gnorm})", step + 1)
-                        step += 1
-                        break
-                    carry = out.get("carry", carry)
-                    step += 1
-                    losses.append(loss)
-                    window.append((loss, gnorm))
-                    logged = step % config.log_every == 0 or step == config.steps
-                    if logged:
-                        why = log()
-                        if why and why.startswith("nan"):
-                            stop, message = "nan", nan_message(why[5:], step)
-                            break
-                        if why == "callback":
-                            stop, message = "callback", f"stopped by a callback at step {step}"
-                            break
-                    left = config.time_limit - (time.perf_counter() - t_start) if config.time_limit else None
-                    bar.update(step, loss, last_metric, logged=logged, limit_left=left)
-                    if interrupted.is_set():
-                        stop, message = "interrupted", f"interrupted at step {step}"
-                        break
-                    if left is not None and left <= 0:
-                        stop, message = "time_limit", f"time limit of {config.time_limit:g} s reached at step {step}"
-                        break
-            except KeyboardInterrupt:  # a second Ctrl-C: the state may be half-updated, so it is not saved
-                stop, message, hard = "interrupted", f"interrupted during step {step + 1}", True
-        bar.close()
-        if stop == "time_limit" and (not records or records[-1]["step"] != step):
-            why = log()
-            if why and why.startswith("nan"):
-                stop, message = "nan", nan_message(why[5:], step)
-        elif stop == "interrupted" and last_saved != step and not hard:
-            save(current())
-        if stop == "interrupted" and ckpt_path is not None and last_saved is not None:
-            message += f"; checkpoint at step {last_saved} in {ckpt_path}, continue with --resume"
-        if plot and out_dir is not None and records:
-            plot_curves(records, task, baselines, out_dir / "curves.png")
-    finally:
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-    if stop == "done":
-        message = f"finished {step} steps"
-    return TrainResult(current(), config, records, losses, stop, baselines, elapsed(), out_dir, message, n_params, data)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _number(convert: Callable, ok: Callable, what: str) -> Callable[[str], Any]:
-    """An argparse ``type``: ``convert`` the text, accept it if ``ok``, else say it must be ``what``."""
-
-    def parse(text: str):
-        try:
-            v = convert(text)
-        except ValueError:
-            v = None
-        if v is None or not ok(v):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return v
-
-    return parse
-
-
-_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-_nonneg_int = _number(int, lambda v: v >= 0, "a non-negative integer")
-_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
-_nonneg_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number")
-
-
-def _rate(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    return v
-
-
-def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
-    """Parse, turning argparse's exit into a return code (2 for errors, 0 for --help)."""
-    try:
-        return parser.parse_args(list(argv))
-    except SystemExit as e:
-        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
-
-
-def _error(prog: str, message: str, code: int) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return code
-
-
-def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="jax-lstm train",
-        description="Train an LSTM (hand-written BPTT by default) on an embedded task. With no arguments: "
-        "charlm, the character-level language model on Python's pydoc_data text, about 5 minutes on 2 CPU cores.",
-        epilog="Defaults per task: "
-        + "; ".join(
-            f"{name}: " + ", ".join(f"{k}={v}" for k, v in t.defaults.items() if k in ("steps", "hidden", "lr"))
-            for name, t in TASKS.items()
-        ),
-    )
-    p.add_argument("--task", choices=sorted(TASKS), help=f"the task (default {DEFAULT_TASK})")
-    p.add_argument("--steps", type=_positive_int, help="total optimizer steps (default: the task's)")
-    p.add_argument("--seed", type=_nonneg_int, help="seed of params and data (default 0)")
-    p.add_argument("--out", metavar="DIR", help="run directory (default runs/TASK)")
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="PATH",
-        help="continue the run in --out, or the one in PATH (a run directory or checkpoint file)",
-    )
-    p.add_argument("--force", action="store_true", help="start over in a directory that holds a checkpoint")
-    p.add_argument("--grad", choices=tuple(GRADS), help="manual: hand-written BPTT (default); autodiff: lstm_ref")
-    p.add_argument("--metrics", metavar="FILE", help="JSON-lines log (default DIR/metrics.jsonl)")
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--seq-len", type=_positive_int, help="window length (charlm) or sequence length (sine)")
-    p.add_argument("--hidden", type=_positive_int, help="LSTM hidden size H")
-    p.add_argument("--embed", type=_positive_int, help="embedding size (charlm)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help="default adam")
-    p.add_argument("--lr", type=_positive_float, help="peak learning rate")
-    p.add_argument("--schedule", choices=SCHEDULES, help="constant or warm-up + cosine decay to lr/10")
-    p.add_argument("--warmup", type=_nonneg_int, help="warm-up steps")
-    p.add_argument("--clip", type=_nonneg_float, help="clip gradients to this global norm (0: off)")
-    p.add_argument("--dropout", type=_rate, help="dropout rate on the LSTM outputs in training (charlm default 0.2)")
-    p.add_argument("--dtype", choices=DTYPES, help="default float32")
-    p.add_argument("--log-every", type=_positive_int, help="evaluate, log and checkpoint every N steps")
-    p.add_argument(
-        "--time-limit",
-        type=_nonneg_float,
-        metavar="SECONDS",
-        help="stop (with a checkpoint) after this many seconds; 0: no limit (charlm default 480, a safety cap)",
-    )
-    p.add_argument("--progress", choices=PROGRESS_MODES, default="auto", help="progress display on stderr")
-    p.add_argument(
-        "--no-sample",
-        action="store_true",
-        help="do not print the text sample (charlm) or example sums (addition) at the end",
-    )
-    dp = p.add_argument_group("data parallel (jax.sharding; see README, Scale out)")
-    dp.add_argument("--devices", type=_positive_int, help="split each batch over the first N devices")
-    dp.add_argument("--coordinator", metavar="HOST:PORT", help="jax.distributed coordinator (process 0's address)")
-    dp.add_argument("--num-processes", type=_positive_int, help="processes in a jax.distributed run")
-    dp.add_argument("--process-id", type=_nonneg_int, help="this process's rank in a jax.distributed run")
-    return p
-
-
-def main_train(argv: Sequence[str]) -> int:
-    """``jax-lstm train``: returns 0 on success, 1 on failure (NaN, bad checkpoint), 2 on bad
-    arguments, 130 when interrupted (after writing a checkpoint)."""
-    prog = "jax-lstm train"
-    args = _parse(train_parser(), argv)
-    if isinstance(args, int):
-        return args
-    config = TrainConfig(
-        task=args.task,
-        steps=args.steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        hidden=args.hidden,
-        embed=args.embed,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        schedule=args.schedule,
-        warmup=args.warmup,
-        clip=args.clip,
-        dropout=args.dropout,
-        dtype=args.dtype,
-        grad=args.grad,
-        log_every=args.log_every,
-        time_limit=args.time_limit,
-    )
-    out = args.out
-    if out is None and not (args.resume and args.resume is not True):
-        out = os.path.join("runs", args.task or DEFAULT_TASK)
-    if args.resume and args.force:
-        return _error(prog, "--resume and --force contradict each other", EXIT_USAGE)
-    multi = (args.coordinator, args.num_processes, args.process_id)
-    if any(v is not None for v in multi):
-        if any(v is None for v in multi):
-            return _error(prog, "--coordinator, --num-processes and --process-id go together", EXIT_USAGE)
-        try:
-            parallel.initialize(args.coordinator, args.num_processes, args.process_id)
-        except (ValueError, RuntimeError) as e:
-            return _error(prog, f"jax.distributed could not start: {e}", EXIT_FAIL)
-        if args.process_id != 0:  # process 0 alone writes the run directory
-            out, args.metrics = None, None
-    _enable_x64_if(args.dtype)
-    try:
-        result = train(
-            config,
-            out_dir=out,
-            resume=args.resume,
-            force=args.force,
-            metrics_path=args.metrics,
-            progress=args.progress,
-            devices=args.devices,
-        )
-    except checkpoint.CheckpointError as e:
-        return _error(prog, str(e), EXIT_FAIL)
-    except (ValueError, FileExistsError) as e:
-        return _error(prog, str(e), EXIT_USAGE)
-    task = get_task(result.config.task)
-    print(summary_table(result, task, result.n_params))
-    if result.stop != "nan" and not args.no_sample:
-        demo = task.demo(result.state.params, result.data, GRADS[result.config.grad])
-        if demo:
-            print(demo)
-    if result.stop == "nan":
-        return _error(prog, result.message, EXIT_FAIL)
-    print(f"{prog}: {result.message}", file=sys.stderr)
-    return EXIT_INTERRUPTED if result.stop == "interrupted" else EXIT_OK
-
-
-def sample_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jax-lstm sample", description="Generate text from a charlm checkpoint.")
-    p.add_argument(
-        "--checkpoint",
-        default=os.path.join("runs", "charlm"),
-        metavar="PATH",
-        help="run directory or checkpoint file (default runs/charlm)",
-    )
-    p.add_argument("--prompt", default="The ", help="text the model reads first (default 'The ')")
-    p.add_argument("--length", type=_positive_int, default=500, help="characters to generate (default 500)")
-    p.add_argument("--temperature", type=_positive_float, default=0.8, help="> 0; lower is more conservative")
-    p.add_argument("--seed", type=_nonneg_int, default=0)
-    return p
-
-
-def main_sample(argv: Sequence[str]) -> int:
-    """``jax-lstm sample``: print the prompt and the generated text."""
-    from jax_lstm.tasks import charlm
-
-    prog = "jax-lstm sample"
-    args = _parse(sample_parser(), argv)
-    if isinstance(args, int):
-        return args
-    if not args.prompt:
-        return _error(prog, "--prompt must not be empty", EXIT_USAGE)
-    try:
-        run = load_run(args.checkpoint)
-    except checkpoint.CheckpointError as e:
-        return _error(prog, str(e), EXIT_FAIL)
-    if run.task.name != "charlm":
-        return _error(prog, f"{args.checkpoint} is a {run.task.name} checkpoint; sample needs a charlm one", EXIT_USAGE)
-    try:
-        text = charlm.sample(run.state.params, run.data.vocab, args.prompt, args.length, args.temperature, args.seed)
-    except ValueError as e:
-        return _error(prog, f"--prompt: {e}", EXIT_USAGE)
-    print(args.prompt + text)
-    return EXIT_OK
-
-
-def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="jax-lstm evaluate", description="Evaluate a checkpoint on its task's validation split."
-    )
-    p.add_argument(
-        "--checkpoint",
-        default=os.path.join("runs", "charlm"),
-        metavar="PATH",
-        help="run directory or checkpoint file (default runs/charlm)",
-    )
-    p.add_argument("--grad", choices=tuple(GRADS), default="manual", help="which LSTM runs the forward pass")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    return p
-
-
-def main_evaluate(argv: Sequence[str]) -> int:
-    """``jax-lstm evaluate``: the validation metric and loss of a checkpoint, beside the baselines."""
-    prog = "jax-lstm evaluate"
-    args = _parse(evaluate_parser(), argv)
-    if isinstance(args, int):
-        return args
-    try:
-        run = load_run(args.checkpoint)
-    except checkpoint.CheckpointError as e:
-        return _error(prog, str(e), EXIT_FAIL)
-    values = run.task.make_evaluator(run.data, run.config, GRADS[args.grad])(run.state.params)
-    baselines = run.task.baselines(run.data)
-    if args.json:
-        print(json.dumps({"task": run.task.name, "step": run.state.step, **values, "baselines": baselines}))
-        return EXIT_OK
-    rows = [("checkpoint", f"{_checkpoint_path(args.checkpoint)} (step {run.state.step})"), ("task", run.task.name)]
-    rows += [(k, _fmt(v)) for k, v in values.items()]
-    rows += [(f"baseline: {k}", _fmt(v)) for k, v in baselines.items()]
-    print(_table(rows))
-    return EXIT_OK

@@ -203,7 +203,7 @@ def test_float32_run_keeps_float32_under_x64(tmp_path):
 def test_progress_bar_rewrites_one_line_on_a_terminal():
     import io
 
-    from jax_lstm.train import Progress
+    from jax_lstm.reporting import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):
