@@ -29,12 +29,17 @@ __all__ = [
     "init_params",
     "zeros_state",
     "lstm_cell",
+    "dropped_cell",
     "acc_dtype",
     "split_gates",
     "gate_activations",
     "cell_update",
     "preactivations",
     "check_inputs",
+    "check_step_flags",
+    "check_recurrent_dropout",
+    "varying_axes",
+    "make_varying",
 ]
 
 
@@ -146,8 +151,17 @@ def lstm_cell(params: LSTMParams, state: LSTMState, x_t: jax.Array) -> tuple[LST
     Returns:
       ``(new_state, h_t)``; the new state keeps the dtypes of ``state``.
     """
+    return dropped_cell(params, state, x_t, None)
+
+
+def dropped_cell(params: LSTMParams, state: LSTMState, x_t: jax.Array, keep) -> tuple[LSTMState, jax.Array]:
+    """``lstm_cell`` with variational recurrent dropout: ``keep`` (B, H) scales h_{t-1} in ``h @ W`` only.
+
+    ``keep`` is the inverted-dropout factor (0 or 1 / (1 - p)), or None for no dropout.
+    """
     acc = acc_dtype(jnp.result_type(params.W, x_t))
-    z = preactivations(params, state.h, x_t, acc)
+    h_in = state.h if keep is None else state.h * keep
+    z = preactivations(params, h_in, x_t, acc)
     c, _, h = cell_update(state.c.astype(acc), gate_activations(z))
     new = LSTMState(h.astype(state.h.dtype), c.astype(state.c.dtype))
     return new, new.h
@@ -157,7 +171,7 @@ def _shape_msg(name: str, got, want: str) -> str:
     return f"{name} has shape {tuple(got)}, expected {want}"
 
 
-def check_inputs(params, xs, state0, seq_lengths, unroll) -> tuple[int, int, int, int]:
+def check_inputs(params, xs, state0, seq_lengths, unroll, *, time_major=True) -> tuple[int, int, int, int]:
     """Validate the arguments of ``lstm``/``lstm_ref`` at trace time.
 
     Returns:
@@ -178,13 +192,16 @@ def check_inputs(params, xs, state0, seq_lengths, unroll) -> tuple[int, int, int
     D = U.shape[0]
     if b.shape != (4 * H,):
         raise ValueError(_shape_msg("params.b", b.shape, f"({4 * H},) to match params.W {tuple(W.shape)}"))
+    layout = "(T, B, D)" if time_major else "(B, T, D)"
     if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
-        raise TypeError(f"xs must be an array of shape (T, B, D), got {type(xs).__name__}")
+        raise TypeError(f"xs must be an array of shape {layout}, got {type(xs).__name__}")
     if xs.ndim != 3:
-        raise ValueError(_shape_msg("xs", xs.shape, f"(T, B, D) with D={D}: xs is time-major and rank 3"))
-    T, B, Dx = xs.shape
+        major = "time-major" if time_major else "batch-major (time_major=False)"
+        raise ValueError(_shape_msg("xs", xs.shape, f"{layout} with D={D}: xs is {major} and rank 3"))
+    T, B, Dx = xs.shape if time_major else (xs.shape[1], xs.shape[0], xs.shape[2])
     if Dx != D:
-        raise ValueError(_shape_msg("xs", xs.shape, f"(T, B, {D}): its last axis must match params.U {tuple(U.shape)}"))
+        want = f"(T, B, {D})" if time_major else f"(B, T, {D})"
+        raise ValueError(_shape_msg("xs", xs.shape, f"{want}: its last axis must match params.U {tuple(U.shape)}"))
     for name, a in (("params.W", W), ("params.U", U), ("params.b", b), ("xs", xs)):
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise TypeError(f"{name} must be floating point, got dtype {a.dtype}")
@@ -216,3 +233,55 @@ def check_inputs(params, xs, state0, seq_lengths, unroll) -> tuple[int, int, int
     if not isinstance(unroll, (int, np.integer)) or isinstance(unroll, bool) or unroll < 1:
         raise ValueError(f"unroll must be a positive int, got {unroll!r}")
     return T, B, D, H
+
+
+def check_step_flags(name: str, a, T: int, B: int, time_major: bool) -> None:
+    """Validate a per-step boolean array (``mask`` or ``resets``): (T, B), or (B, T) when batch-major."""
+    want = (T, B) if time_major else (B, T)
+    layout = "(T, B)" if time_major else "(B, T) (time_major=False)"
+    shape = getattr(a, "shape", None)
+    if shape is None or not hasattr(a, "dtype"):
+        raise TypeError(f"{name} must be a boolean array of shape {layout} = {want}, got {type(a).__name__}")
+    if tuple(shape) != want:
+        raise ValueError(_shape_msg(name, shape, f"{layout} = {want} from xs"))
+    if a.dtype != jnp.bool_:
+        raise TypeError(f"{name} must have dtype bool, got {a.dtype} with shape {tuple(shape)}")
+
+
+def check_recurrent_dropout(rate, key) -> float:
+    """Validate ``recurrent_dropout`` (a static Python float in [0, 1)) and its key; returns the rate."""
+    if isinstance(rate, bool) or not isinstance(rate, (float, int, np.floating, np.integer)):
+        raise TypeError(f"recurrent_dropout must be a Python float in [0, 1), got {type(rate).__name__}")
+    if not 0.0 <= float(rate) < 1.0:
+        raise ValueError(f"recurrent_dropout must be in [0, 1), got {rate!r}")
+    if float(rate) > 0.0 and key is None:
+        raise ValueError(
+            f"recurrent_dropout={float(rate)} needs a PRNG key: pass key=jax.random.PRNGKey(...) "
+            "(or recurrent_dropout=0.0)"
+        )
+    return float(rate)
+
+
+def varying_axes(*arrays) -> frozenset:
+    """The manual mesh axes (inside ``jax.shard_map``) over which any of ``arrays`` varies."""
+    axes: frozenset = frozenset()
+    for a in arrays:
+        if a is None:
+            continue
+        aval = jax.typeof(a)
+        vma = getattr(aval, "vma", None)
+        if vma is None:
+            vma = getattr(getattr(aval, "mat", None), "varying", frozenset())
+        axes = axes | frozenset(vma)
+    return axes
+
+
+def make_varying(a, axes: frozenset):
+    """``a`` marked as varying over ``axes`` (a no-op outside ``shard_map``).
+
+    A loop carry must have the same type on entry and exit: a carry that starts
+    from zeros (unvarying) and is updated with per-shard data (varying) has to
+    be declared varying before the loop.
+    """
+    missing = tuple(sorted(axes - varying_axes(a), key=str))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_lstm.cell import (
     LSTMParams,
@@ -18,72 +19,180 @@ from jax_lstm.cell import (
     acc_dtype,
     cell_update,
     check_inputs,
+    check_recurrent_dropout,
+    check_step_flags,
+    dropped_cell,
     gate_activations,
-    lstm_cell,
+    make_varying,
     preactivations,
     split_gates,
+    varying_axes,
 )
 
-__all__ = ["lstm_ref", "lstm_trace", "LSTMTrace", "prepare"]
+__all__ = ["lstm_ref", "lstm_trace", "LSTMTrace", "Prepared", "prepare", "lengths_mask"]
 
 
-def prepare(params, xs, state0, seq_lengths, unroll):
-    """Validate and bring arguments to one dtype.
+class Prepared(NamedTuple):
+    """Arguments of ``lstm``/``lstm_ref`` after validation, time-major, in their compute dtypes."""
 
-    Returns:
-      (params, xs, state0, mask, dtype) where params and xs share ``dtype``,
-      state0 is in ``acc_dtype(dtype)`` (zeros when None), and mask is a (T, B)
-      bool array of valid steps or None.
+    params: LSTMParams  # W, U, b in ``dtype``
+    xs: jax.Array  # (T, B, D) in ``dtype``
+    state0: LSTMState  # h, c: (B, H) in acc_dtype(dtype); zeros when None was given
+    mask: jax.Array | None  # (T, B) bool: the steps that run (mask and seq_lengths together), or None
+    resets: jax.Array | None  # (T, B) bool, or None
+    keep: jax.Array | None  # (B, H) recurrent-dropout factor (0 or 1 / (1 - p)) in acc dtype, or None
+    dtype: jnp.dtype
+
+
+def lengths_mask(seq_lengths: jax.Array, T: int) -> jax.Array:
+    """(T, B) bool, ``t < seq_lengths[b]``, exact for every integer dtype and every T.
+
+    The comparison runs in the lengths' own dtype when every step index fits
+    in it, and otherwise in int32, where every length does (a length is then
+    at most the dtype's maximum, below T): never in a dtype that wraps.
     """
-    T, B, _, H = check_inputs(params, xs, state0, seq_lengths, unroll)
+    if T - 1 <= jnp.iinfo(seq_lengths.dtype).max:
+        t = jnp.arange(T, dtype=seq_lengths.dtype)
+    else:
+        t, seq_lengths = jnp.arange(T, dtype=jnp.int32), seq_lengths.astype(jnp.int32)
+    return t[:, None] < seq_lengths[None, :]
+
+
+def _check_length_values(seq_lengths, T: int) -> None:
+    """Concrete lengths outside [0, T] are an error; traced ones (under jit) cannot be checked."""
+    try:
+        values = np.asarray(seq_lengths)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    if values.size == 0:
+        return
+    bad = (values < 0) | (values > T)
+    if bad.any():
+        b = int(np.argmax(bad))
+        raise ValueError(
+            f"seq_lengths[{b}] = {values[b]} is outside [0, T] = [0, {T}] for xs with T = {T} steps "
+            f"(all out-of-range lengths: {values[bad].tolist()[:8]})"
+        )
+
+
+def prepare(
+    params,
+    xs,
+    state0,
+    *,
+    seq_lengths=None,
+    mask=None,
+    resets=None,
+    recurrent_dropout=0.0,
+    key=None,
+    unroll=1,
+    time_major=True,
+) -> Prepared:
+    """Validate the arguments of ``lstm``/``lstm_ref`` and bring them to one layout and dtype.
+
+    ``mask`` and ``seq_lengths`` are combined into one (T, B) mask of the steps
+    that run; batch-major arrays are transposed to time-major.
+    """
+    if not isinstance(time_major, (bool, np.bool_)):
+        raise TypeError(f"time_major must be a Python bool, got {type(time_major).__name__}")
+    T, B, _, H = check_inputs(params, xs, state0, seq_lengths, unroll, time_major=bool(time_major))
+    for name, a in (("mask", mask), ("resets", resets)):
+        if a is not None:
+            check_step_flags(name, a, T, B, bool(time_major))
+    rate = check_recurrent_dropout(recurrent_dropout, key)
     params = LSTMParams(*params)
     dtype = jnp.result_type(*params, xs)
     acc = acc_dtype(dtype)
     params = LSTMParams(*(p.astype(dtype) for p in params))
-    xs = xs.astype(dtype)
     if state0 is None:
         z = jnp.zeros((B, H), acc)
         state0 = LSTMState(z, z)
     else:
         state0 = LSTMState(state0[0].astype(acc), state0[1].astype(acc))
-    mask = None
+    flip = (lambda a: a) if time_major else (lambda a: jnp.swapaxes(a, 0, 1))
+    xs = flip(xs).astype(dtype)
+    if mask is not None:
+        mask = flip(mask)
     if seq_lengths is not None:
-        mask = jnp.arange(T, dtype=seq_lengths.dtype)[:, None] < seq_lengths[None, :]
-    return params, xs, state0, mask, dtype
+        _check_length_values(seq_lengths, T)
+        by_length = lengths_mask(seq_lengths, T)
+        mask = by_length if mask is None else mask & by_length
+    if resets is not None:
+        resets = flip(resets)
+    keep = None
+    if rate > 0.0:
+        kept = jax.random.bernoulli(key, 1.0 - rate, (B, H))
+        keep = jnp.where(kept, jnp.asarray(1.0 / (1.0 - rate), acc), jnp.zeros((), acc))
+    # Inside shard_map the state is a loop carry: it must vary over every axis its updates vary over.
+    axes = varying_axes(*params, xs, *state0, mask, resets, keep)
+    state0 = LSTMState(*(make_varying(a, axes) for a in state0))
+    return Prepared(params, xs, state0, mask, resets, keep, dtype)
 
 
-def lstm_ref(params, xs, state0=None, *, seq_lengths=None, reverse=False, unroll=1):
+def lstm_ref(
+    params,
+    xs,
+    state0=None,
+    *,
+    seq_lengths=None,
+    mask=None,
+    resets=None,
+    recurrent_dropout=0.0,
+    key=None,
+    reverse=False,
+    unroll=1,
+    time_major=True,
+):
     """Run an LSTM layer over a sequence with ``lax.scan``; gradients by autodiff.
 
     Args:
       params: ``LSTMParams`` with W: (H, 4H), U: (D, 4H), b: (4H,).
-      xs: (T, B, D) inputs, time-major.
+      xs: (T, B, D) inputs, time-major; (B, T, D) with ``time_major=False``.
       state0: ``LSTMState`` with h, c: (B, H); None means zeros.
       seq_lengths: optional (B,) integer lengths; steps t >= seq_lengths[b] are
         padding (zero output, state unchanged).
-      reverse: run each sequence from its last valid step down to step 0.
+      mask: optional (T, B) bool ((B, T) batch-major); a False step is skipped.
+      resets: optional (T, B) bool ((B, T) batch-major); where True the state is
+        set to ``state0`` just before step t is visited.
+      recurrent_dropout: rate of variational dropout on h_{t-1} (one (B, H)
+        mask per sequence, drawn from ``key``).
+      key: PRNG key, required when ``recurrent_dropout > 0``.
+      reverse: visit steps from T-1 down to 0.
       unroll: passed to ``lax.scan``.
+      time_major: False for batch-major xs, hs, mask and resets.
 
     Returns:
-      ``(hs, final_state)`` with hs: (T, B, H) and h, c: (B, H), all in the
-      common dtype of params and xs.
+      ``(hs, final_state)`` with hs: (T, B, H) ((B, T, H) batch-major) and
+      h, c: (B, H), all in the common dtype of params and xs.
     """
-    params, xs, state0, mask, dtype = prepare(params, xs, state0, seq_lengths, unroll)
-    step = lambda state, x_t: lstm_cell(params, state, x_t)  # noqa: E731
+    a = prepare(
+        params,
+        xs,
+        state0,
+        seq_lengths=seq_lengths,
+        mask=mask,
+        resets=resets,
+        recurrent_dropout=recurrent_dropout,
+        key=key,
+        unroll=unroll,
+        time_major=time_major,
+    )
+    T, B = a.xs.shape[:2]
+    ones = jnp.ones((T, B), bool)
+    mask = ones if a.mask is None else a.mask
+    resets = ~ones if a.resets is None else a.resets
 
-    if mask is None:
-        final, hs = jax.lax.scan(step, state0, xs, reverse=reverse, unroll=unroll)
-    else:
+    def step(state, inp):
+        x_t, m_t, r_t = inp
+        m, r = m_t[:, None], r_t[:, None]
+        state = LSTMState(jnp.where(r, a.state0.h, state.h), jnp.where(r, a.state0.c, state.c))
+        new, h_t = dropped_cell(a.params, state, x_t, a.keep)
+        new = LSTMState(jnp.where(m, new.h, state.h), jnp.where(m, new.c, state.c))
+        return new, jnp.where(m, h_t, jnp.zeros_like(h_t))
 
-        def masked_step(state, inp):
-            x_t, m_t = inp
-            new, h_t = step(state, x_t)
-            m = m_t[:, None]
-            new = LSTMState(jnp.where(m, new.h, state.h), jnp.where(m, new.c, state.c))
-            return new, jnp.where(m, h_t, jnp.zeros_like(h_t))
-
-        final, hs = jax.lax.scan(masked_step, state0, (xs, mask), reverse=reverse, unroll=unroll)
-    return hs.astype(dtype), LSTMState(final.h.astype(dtype), final.c.astype(dtype))
+    final, hs = jax.lax.scan(step, a.state0, (a.xs, mask, resets), reverse=reverse, unroll=unroll)
+    hs = hs.astype(a.dtype)
+    return (hs if time_major else jnp.swapaxes(hs, 0, 1)), LSTMState(final.h.astype(a.dtype), final.c.astype(a.dtype))
 
 
 class LSTMTrace(NamedTuple):
@@ -100,25 +209,51 @@ class LSTMTrace(NamedTuple):
     h: jax.Array
 
 
-def lstm_trace(params, xs, state0=None, *, seq_lengths=None, reverse=False) -> LSTMTrace:
-    """Gate inspection: f, i, g, o, c and h at every step, each (T, B, H).
+def lstm_trace(
+    params,
+    xs,
+    state0=None,
+    *,
+    seq_lengths=None,
+    mask=None,
+    resets=None,
+    recurrent_dropout=0.0,
+    key=None,
+    reverse=False,
+    time_major=True,
+) -> LSTMTrace:
+    """Gate inspection: f, i, g, o, c and h at every step, each (T, B, H) ((B, T, H) batch-major).
 
     Same arguments and semantics as ``lstm_ref``; ``trace.h`` equals its ``hs``.
+    All six are zero at skipped steps.
     """
-    params, xs, state0, mask, _ = prepare(params, xs, state0, seq_lengths, 1)
-    acc = state0.h.dtype
-    T, B = xs.shape[:2]
-    if mask is None:
-        mask = jnp.ones((T, B), bool)
+    a = prepare(
+        params,
+        xs,
+        state0,
+        seq_lengths=seq_lengths,
+        mask=mask,
+        resets=resets,
+        recurrent_dropout=recurrent_dropout,
+        key=key,
+        time_major=time_major,
+    )
+    acc = a.state0.h.dtype
+    T, B = a.xs.shape[:2]
+    ones = jnp.ones((T, B), bool)
+    mask = ones if a.mask is None else a.mask
+    resets = ~ones if a.resets is None else a.resets
 
     def step(state, inp):
-        x_t, m_t = inp
-        act = gate_activations(preactivations(params, state.h, x_t, acc))
+        x_t, m_t, r_t = inp
+        m, r = m_t[:, None], r_t[:, None]
+        state = LSTMState(jnp.where(r, a.state0.h, state.h), jnp.where(r, a.state0.c, state.c))
+        h_in = state.h if a.keep is None else state.h * a.keep
+        act = gate_activations(preactivations(a.params, h_in, x_t, acc))
         c, _, h = cell_update(state.c, act)
-        m = m_t[:, None]
         new = LSTMState(jnp.where(m, h, state.h), jnp.where(m, c, state.c))
-        zero = lambda a: jnp.where(m, a, jnp.zeros_like(a))  # noqa: E731
-        return new, tuple(zero(a) for a in (*split_gates(act), c, h))
+        zero = lambda v: jnp.where(m, v, jnp.zeros_like(v))  # noqa: E731
+        return new, tuple(zero(v) for v in (*split_gates(act), c, h))
 
-    _, out = jax.lax.scan(step, state0, (xs, mask), reverse=reverse)
-    return LSTMTrace(*out)
+    _, out = jax.lax.scan(step, a.state0, (a.xs, mask, resets), reverse=reverse)
+    return LSTMTrace(*(v if time_major else jnp.swapaxes(v, 0, 1) for v in out))
