@@ -106,6 +106,9 @@ def to_stack_states(carry, stack, name: str = "initial_carry"):
         return None
     if _is_single(stack) and isinstance(carry, LSTMState):
         return ((carry,),)
+    if not isinstance(carry, LSTMState) and isinstance(carry, tuple) and len(carry) == 2:
+        if all(hasattr(a, "shape") for a in carry):  # (h, c) or Flax's (c, h): ambiguous
+            _check_state(carry, name)
     if isinstance(carry, LSTMState):
         raise TypeError(
             f"{name} is one LSTMState, but the stack has {len(stack)} layer(s) with {len(stack[0])} direction(s): "

@@ -1,0 +1,575 @@
+"""The Flax NNX, Flax Linen and Equinox modules against the libraries' own LSTMs, in training, and their errors.
+
+Each module is compared with the library's LSTM after converting the library's
+weights with ``jax_lstm.interop``: values and gradients (random cotangents on
+the outputs and on the final carry) with respect to the inputs, the initial
+carry and every weight, with sequence lengths. Flax does not zero the outputs
+at padded steps, so only valid steps are compared there.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jax_lstm import LSTMState
+from jax_lstm.gradcheck import rel_err
+from jax_lstm.interop import from_equinox, from_flax
+from jax_lstm.layers import init_stack
+
+T, B, D = 6, 3, 4
+LENGTHS = np.array([6, 4, 1])  # Flax picks the carry at step length - 1: lengths >= 1
+TOL = {"float32": 1e-5, "float64": 1e-10}
+# (hidden sizes per layer, bidirectional, dtype)
+CONFIGS = [((5,), False, "float32"), ((5, 3), True, "float64")]
+CONFIG_IDS = ["1-layer-f32", "2-layer-bi-f64"]
+
+
+def _valid():
+    return jnp.asarray(np.arange(T)[None, :] < LENGTHS[:, None])  # (B, T)
+
+
+def _problem(sizes, bidirectional, dtype, seed=0):
+    """Batch-major inputs, an initial carry (our nesting), cotangents on the valid outputs and the final carry."""
+    rng = np.random.default_rng(seed)
+    n_dir = 2 if bidirectional else 1
+    arr = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)  # noqa: E731
+    xs = arr(B, T, D)
+    carry = tuple(tuple(LSTMState(arr(B, h), arr(B, h)) for _ in range(n_dir)) for h in sizes)
+    ct_y = arr(B, T, n_dir * sizes[-1]) * _valid()[..., None]
+    ct_carry = tuple(tuple(LSTMState(arr(B, h), arr(B, h)) for _ in range(n_dir)) for h in sizes)
+    return xs, carry, ct_y, ct_carry
+
+
+def _single(carry, sizes, bidirectional):
+    """Our module carry: one LSTMState for one unidirectional layer, else the nesting."""
+    return carry[0][0] if len(sizes) == 1 and not bidirectional else carry
+
+
+def _nested(carry):
+    return ((carry,),) if isinstance(carry, LSTMState) else carry
+
+
+def _vjp(fn, *primals_and_cts):
+    """jit(vjp) of fn(*primals) -> (outputs, carry); returns (outputs, carry, grads)."""
+
+    @jax.jit
+    def run(primals, cts):
+        out, pull = jax.vjp(fn, *primals)
+        return out, pull(cts)
+
+    *primals, ct = primals_and_cts
+    (y, carry), grads = run(tuple(primals), ct)
+    return y, carry, grads
+
+
+def _check_against(dtype, ours, theirs, ours_weights, theirs_weights):
+    """Compare (y, carry, grads) of ours with theirs on the valid steps; weight grads converted to our stack."""
+    (y, c, g), (y_r, c_r, g_r) = ours, theirs
+    tol = TOL[dtype]
+    valid = _valid()[..., None]
+    assert y.dtype == jnp.dtype(dtype)
+    assert rel_err(y, y_r * valid) < tol
+    assert float(jnp.max(jnp.abs(jnp.where(valid, 0, y)))) == 0.0  # padding is zero in ours
+    assert rel_err(c, c_r) < tol
+    assert rel_err(g[1], g_r[1]) < tol  # inputs
+    assert rel_err(g[2], g_r[2]) < tol  # initial carry
+    assert jax.tree.structure(ours_weights) == jax.tree.structure(theirs_weights)
+    assert rel_err(ours_weights, theirs_weights) < tol
+
+
+# --------------------------------------------------------------------------- Flax NNX
+
+
+@pytest.fixture(scope="module")
+def nnx():
+    return pytest.importorskip("flax.nnx")
+
+
+def _nnx_reference(nnx, sizes, bidirectional, dtype, seed=1):
+    """nnx.RNN(nnx.OptimizedLSTMCell) per layer (nnx.Bidirectional if bidirectional), random biases."""
+    rngs, rng = nnx.Rngs(seed), np.random.default_rng(seed)
+
+    def cell(d, h):
+        c = nnx.OptimizedLSTMCell(d, h, param_dtype=dtype, rngs=rngs)
+        c.dense_h.bias[...] = jnp.asarray(0.5 * rng.standard_normal(4 * h), dtype)  # Flax starts at zero
+        return c
+
+    layers, d = [], D
+    for h in sizes:
+        if bidirectional:
+            layers.append(nnx.Bidirectional(nnx.RNN(cell(d, h)), nnx.RNN(cell(d, h))))
+        else:
+            layers.append(nnx.RNN(cell(d, h)))
+        d = h * (2 if bidirectional else 1)
+
+    class Stack(nnx.Module):
+        def __init__(self, layers):
+            self.layers = nnx.List(layers)
+
+    return Stack(layers)
+
+
+def _nnx_cells(state, bidirectional):
+    """Per layer, the cell states (forward, reverse) of the reference's params (or their gradients)."""
+    cells = []
+    for l in range(len(state["layers"])):
+        layer = state["layers"][l]
+        cells.append(
+            (layer["forward_rnn"]["cell"], layer["backward_rnn"]["cell"]) if bidirectional else (layer["cell"],)
+        )
+    return cells
+
+
+@pytest.mark.parametrize("sizes, bidirectional, dtype", CONFIGS, ids=CONFIG_IDS)
+def test_nnx_matches_flax(nnx, sizes, bidirectional, dtype):
+    from jax_lstm.nnx import LSTM
+
+    ref = _nnx_reference(nnx, sizes, bidirectional, dtype)
+    gd_r, p_r, rest_r = nnx.split(ref, nnx.Param, ...)
+    stack = tuple(tuple(from_flax(c) for c in layer) for layer in _nnx_cells(p_r, bidirectional))
+    model = LSTM.from_params(stack)
+    assert rel_err(model.to_params(), stack) == 0.0
+    gd, p, rest = nnx.split(model, nnx.Param, ...)
+    xs, carry, ct_y, ct_carry = _problem(sizes, bidirectional, dtype)
+    lengths = jnp.asarray(LENGTHS)
+
+    def ours(params, xs, carry):
+        m = nnx.merge(gd, params, rest)
+        c, y = m(xs, initial_carry=_single(carry, sizes, bidirectional), seq_lengths=lengths, return_carry=True)
+        return y, _nested(c)
+
+    def theirs(params, xs, carry):
+        m = nnx.merge(gd_r, params, rest_r)
+        finals = []
+        for l, layer in enumerate(m.layers):
+            if bidirectional:  # Flax's carry is (c, h)
+                init = tuple((s.c, s.h) for s in carry[l])
+                c, xs = layer(xs, initial_carry=init, seq_lengths=lengths, return_carry=True)
+                finals.append(tuple(LSTMState(h, c_) for c_, h in c))
+            else:
+                (c, h), xs = layer(
+                    xs, initial_carry=(carry[l][0].c, carry[l][0].h), seq_lengths=lengths, return_carry=True
+                )
+                finals.append((LSTMState(h, c),))
+        return xs * _valid()[..., None], tuple(finals)
+
+    y, c, g = _vjp(ours, p, xs, carry, (ct_y, ct_carry))
+    y_r, c_r, g_r = _vjp(theirs, p_r, xs, carry, (ct_y, ct_carry))
+    g_stack = nnx.merge(gd, g[0], rest).to_params()
+    g_stack_r = tuple(tuple(from_flax(c) for c in layer) for layer in _nnx_cells(g_r[0], bidirectional))
+    _check_against(dtype, (y, c, g), (y_r, c_r, g_r), g_stack, g_stack_r)
+
+
+def _nnx_model(nnx, seed=0, **kw):
+    from jax_lstm.nnx import LSTM
+
+    class Model(nnx.Module):  # features -> LSTM -> dense
+        def __init__(self, rngs):
+            self.lstm = LSTM(D, (5, 4), bidirectional=True, rngs=rngs, **kw)
+            self.head = nnx.Linear(8, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.lstm(x, seq_lengths=jnp.asarray(LENGTHS)))
+
+    return Model(nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def _regression(seed=3):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal((B, T, n)), jnp.float32) for n in (D, 2))
+
+
+def test_nnx_train_step(nnx):
+    model = _nnx_model(nnx, dropout=0.2, recurrent_dropout=0.2)
+    x, y = _regression()
+    opt = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
+    loss = lambda m: jnp.mean((m(x) - y) ** 2)  # noqa: E731
+
+    @nnx.jit
+    def step(model, opt):
+        value, grads = nnx.value_and_grad(loss)(model)
+        opt.update(model, grads)
+        return value
+
+    eval_loss = nnx.jit(loss)
+    model.eval()
+    before = float(eval_loss(model))
+    model.train()
+    stack0 = model.lstm.to_params()
+    train_losses = [float(step(model, opt)) for _ in range(6)]
+    model.eval()
+    after = float(eval_loss(model))
+    assert np.all(np.isfinite(train_losses))
+    assert after < 0.9 * before, (before, after, train_losses)
+    assert rel_err(model.lstm.to_params(), stack0) > 0  # the LSTM's own weights moved
+    assert jax.tree.structure(model.lstm.to_params()) == jax.tree.structure(stack0)
+
+
+def test_nnx_dropout_modes_and_round_trip(nnx):
+    from jax_lstm.nnx import LSTM
+
+    model = LSTM(D, 5, num_layers=2, dropout=0.5, recurrent_dropout=0.3, rngs=nnx.Rngs(params=0, dropout=1))
+    plain = LSTM.from_params(model.to_params())  # same weights, no dropout
+    assert rel_err(plain.to_params(), model.to_params()) == 0.0
+    x, _ = _regression()
+    call = nnx.jit(lambda m: m(x))
+    with_key = nnx.jit(lambda m, key: m(x, rngs=key))
+    ref = call(plain)
+    model.eval()
+    assert model.deterministic is True
+    assert np.array_equal(call(model), ref)  # dropout off in eval mode
+    model.train()
+    assert np.array_equal(call(nnx.view(model, deterministic=True)), ref)
+    a = with_key(model, jax.random.key(5))
+    assert np.array_equal(a, with_key(model, jax.random.key(5)))  # reproducible for a given rng
+    assert not np.allclose(a, with_key(model, jax.random.key(6)))  # another rng, another mask
+    assert not np.allclose(a, ref)
+    # the constructor's stream: a fresh key each call, the same sequence for the same seeds
+    twin = LSTM(D, 5, num_layers=2, dropout=0.5, recurrent_dropout=0.3, rngs=nnx.Rngs(params=0, dropout=1))
+    first = call(model)
+    assert not np.allclose(first, call(model))
+    assert np.array_equal(first, call(twin))
+    # a call's rngs: its dropout stream
+    assert np.array_equal(model(x, rngs=nnx.Rngs(dropout=5)), model(x, rngs=nnx.Rngs(dropout=5)))
+    # time-major layout and computation dtype
+    tm = LSTM.from_params(model.to_params(), time_major=True)
+    assert rel_err(jnp.swapaxes(tm(jnp.swapaxes(x, 0, 1)), 0, 1), ref) < 1e-6
+    half = LSTM.from_params(model.to_params(), dtype=jnp.bfloat16)
+    assert half(x).dtype == jnp.bfloat16
+    assert model.to_params()[0][0].W.dtype == jnp.float32
+
+
+def test_nnx_errors(nnx):
+    from jax_lstm.nnx import LSTM
+
+    model = LSTM(D, 5, rngs=nnx.Rngs(0))
+    x, _ = _regression()
+    with pytest.raises(ValueError, match=r"inputs has shape \(3, 6\), expected \(B, T, D\)"):
+        model(x[..., 0])
+    with pytest.raises(ValueError, match=r"expected \(B, T, D\) with D = 4"):
+        model(x[..., :3])
+    h = jnp.zeros((B, 5))
+    with pytest.raises(TypeError, match=r"Flax's LSTM cells use \(c, h\)"):
+        model(x, initial_carry=(h, h))
+    with pytest.raises(ValueError, match="num_layers=3"):
+        LSTM(D, (5, 4), num_layers=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        LSTM(D, 5, dropout=1.0, rngs=nnx.Rngs(0))
+    two = LSTM.from_params(init_stack(jax.random.PRNGKey(0), D, (5, 5)), dropout=0.5)
+    with pytest.raises(ValueError, match="'dropout' rng stream"):
+        two(x)
+    with pytest.raises(TypeError, match="one LSTMState"):
+        two(x, initial_carry=LSTMState(h, h), rngs=nnx.Rngs(dropout=0))
+    assert two(x, rngs=nnx.Rngs(dropout=0)).shape == (B, T, 5)
+    mixed = init_stack(jax.random.PRNGKey(0), D, (5,)) + init_stack(jax.random.PRNGKey(1), 5, (5,), bidirectional=True)
+    with pytest.raises(ValueError, match="must all be unidirectional or all bidirectional"):
+        LSTM.from_params(mixed)
+
+
+# --------------------------------------------------------------------------- Flax Linen
+
+
+@pytest.fixture(scope="module")
+def nn():
+    return pytest.importorskip("flax.linen")
+
+
+def _perturb(tree, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: a + 0.5 * jnp.asarray(rng.standard_normal(a.shape), a.dtype), tree)
+
+
+@pytest.mark.parametrize("sizes, bidirectional, dtype", CONFIGS, ids=CONFIG_IDS)
+def test_linen_matches_flax(nn, sizes, bidirectional, dtype):
+    from jax_lstm.linen import LSTM, from_variables, to_variables
+
+    layers, variables, d = [], [], D
+    for l, h in enumerate(sizes):
+        rnn = lambda h=h: nn.RNN(nn.OptimizedLSTMCell(h, param_dtype=dtype))  # noqa: E731
+        layer = nn.Bidirectional(rnn(), rnn()) if bidirectional else rnn()
+        layers.append(layer)
+        variables.append(_perturb(layer.init(jax.random.PRNGKey(l), jnp.zeros((B, T, d), dtype)), l + 10))
+        d = h * (2 if bidirectional else 1)
+
+    def cells(v):
+        p = v["params"]
+        return (p["forward_rnn"]["cell"], p["backward_rnn"]["cell"]) if bidirectional else (p["cell"],)
+
+    stack = tuple(tuple(from_flax(c) for c in cells(v)) for v in variables)
+    model = LSTM(sizes, bidirectional=bidirectional)
+    ours_vars = to_variables(stack)
+    assert rel_err(from_variables(ours_vars), stack) == 0.0
+    assert jax.tree.structure(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((B, T, D), dtype))) == (
+        jax.tree.structure(ours_vars)
+    )
+    xs, carry, ct_y, ct_carry = _problem(sizes, bidirectional, dtype)
+    lengths = jnp.asarray(LENGTHS)
+
+    def ours(v, xs, carry):
+        c, y = model.apply(
+            v, xs, initial_carry=_single(carry, sizes, bidirectional), seq_lengths=lengths, return_carry=True
+        )
+        return y, _nested(c)
+
+    def theirs(vs, xs, carry):
+        finals = []
+        for l, (layer, v) in enumerate(zip(layers, vs, strict=True)):
+            if bidirectional:  # Flax's carry is (c, h)
+                init = tuple((s.c, s.h) for s in carry[l])
+                c, xs = layer.apply(v, xs, initial_carry=init, seq_lengths=lengths, return_carry=True)
+                finals.append(tuple(LSTMState(h, c_) for c_, h in c))
+            else:
+                init = (carry[l][0].c, carry[l][0].h)
+                (c, h), xs = layer.apply(v, xs, initial_carry=init, seq_lengths=lengths, return_carry=True)
+                finals.append((LSTMState(h, c),))
+        return xs * _valid()[..., None], tuple(finals)
+
+    y, c, g = _vjp(ours, ours_vars, xs, carry, (ct_y, ct_carry))
+    y_r, c_r, g_r = _vjp(theirs, variables, xs, carry, (ct_y, ct_carry))
+    g_stack_r = tuple(tuple(from_flax(c) for c in cells(v)) for v in g_r[0])
+    _check_against(dtype, (y, c, g), (y_r, c_r, g_r), from_variables(g[0]), g_stack_r)
+
+
+def test_linen_train_step_dropout_and_round_trip(nn):
+    from jax_lstm.linen import LSTM, from_variables, to_variables
+
+    class Model(nn.Module):  # features -> LSTM -> dense
+        @nn.compact
+        def __call__(self, x, deterministic=True):
+            h = LSTM((5, 4), bidirectional=True, dropout=0.2, recurrent_dropout=0.2, name="lstm")(
+                x, seq_lengths=jnp.asarray(LENGTHS), deterministic=deterministic
+            )
+            return nn.Dense(2)(h)
+
+    model = Model()
+    x, y = _regression()
+    variables = model.init(jax.random.PRNGKey(0), x)
+    stack0 = from_variables(variables["params"]["lstm"])
+    assert rel_err(to_variables(stack0)["params"], variables["params"]["lstm"]) == 0.0
+    tx = optax.adam(0.05)
+    opt_state = tx.init(variables)
+
+    @jax.jit
+    def step(variables, opt_state, key):
+        def loss(v):
+            return jnp.mean((model.apply(v, x, deterministic=False, rngs={"dropout": key}) - y) ** 2)
+
+        value, grads = jax.value_and_grad(loss)(variables)
+        updates, opt_state = tx.update(grads, opt_state, variables)
+        return optax.apply_updates(variables, updates), opt_state, value
+
+    eval_loss = jax.jit(lambda v: jnp.mean((model.apply(v, x) - y) ** 2))
+    before = float(eval_loss(variables))
+    v = variables
+    for i in range(6):
+        v, opt_state, value = step(v, opt_state, jax.random.PRNGKey(i))
+        assert np.isfinite(float(value))
+    after = float(eval_loss(v))
+    assert after < 0.9 * before, (before, after)
+    assert rel_err(from_variables(v["params"]["lstm"]), stack0) > 0
+
+    # dropout: off when deterministic (= a dropout-free model), reproducible for a key, different for another
+    lstm = LSTM((5, 4), bidirectional=True, dropout=0.5, recurrent_dropout=0.3)
+    lv = {"params": variables["params"]["lstm"]}
+    ref = jax.jit(LSTM((5, 4), bidirectional=True).apply)(lv, x)
+    assert np.array_equal(jax.jit(lstm.apply)(lv, x), ref)
+    run = jax.jit(lambda k: lstm.apply(lv, x, deterministic=False, rngs={"dropout": k}))
+    assert np.array_equal(run(jax.random.PRNGKey(1)), run(jax.random.PRNGKey(1)))
+    assert not np.allclose(run(jax.random.PRNGKey(1)), run(jax.random.PRNGKey(2)))
+    assert not np.allclose(run(jax.random.PRNGKey(1)), ref)
+    # time-major layout and computation dtype
+    tm = LSTM((5, 4), bidirectional=True, time_major=True).apply(lv, jnp.swapaxes(x, 0, 1))
+    assert rel_err(jnp.swapaxes(tm, 0, 1), ref) < 1e-6
+    assert jax.eval_shape(LSTM((5, 4), bidirectional=True, dtype=jnp.bfloat16).apply, lv, x).dtype == jnp.bfloat16
+
+
+def test_linen_errors(nn):
+    from jax_lstm.linen import LSTM, from_variables
+
+    x, _ = _regression()
+    with pytest.raises(ValueError, match=r"expected \(B, T, D\)"):
+        LSTM(5).init(jax.random.PRNGKey(0), x[0])
+    with pytest.raises(ValueError, match="num_layers=3"):
+        LSTM((5, 4), num_layers=3).init(jax.random.PRNGKey(0), x)
+    v = LSTM(5).init(jax.random.PRNGKey(0), x)
+    h = jnp.zeros((B, 5))
+    with pytest.raises(TypeError, match=r"\(c, h\)"):
+        LSTM(5).apply(v, x, initial_carry=(h, h))
+    from flax.errors import ScopeParamShapeError
+
+    with pytest.raises(ScopeParamShapeError, match=r"\(3, 20\).*\(4, 20\)"):  # Flax checks D
+        LSTM(5).apply(v, x[..., :3])
+    with pytest.raises(KeyError, match="'stack'"):
+        from_variables({"params": {"other": 1}})
+
+
+# --------------------------------------------------------------------------- Equinox
+
+
+@pytest.fixture(scope="module")
+def eqx():
+    return pytest.importorskip("equinox")
+
+
+def _eqx_reference(cells, x, length, state):
+    """One example through a lax.scan over eqx.nn.LSTMCell per layer and direction, padding done here."""
+    inp, finals = x, []
+    for l, layer in enumerate(cells):
+        outs, fin = [], []
+        for k, cell in enumerate(layer):
+
+            def step(s, tx, cell=cell):
+                t, x_t = tx
+                new = cell(x_t, s)  # equinox's state is (h, c)
+                keep = t < length
+                s = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, s)
+                return s, jnp.where(keep, new[0], jnp.zeros_like(new[0]))
+
+            s_T, hs = jax.lax.scan(step, (state[l][k].h, state[l][k].c), (jnp.arange(T), inp), reverse=k == 1)
+            outs.append(hs)
+            fin.append(LSTMState(*s_T))
+        inp = jnp.concatenate(outs, axis=-1)
+        finals.append(tuple(fin))
+    return inp, tuple(finals)
+
+
+@pytest.mark.parametrize("sizes, bidirectional, dtype", CONFIGS, ids=CONFIG_IDS)
+def test_eqx_matches_scanned_cell(eqx, sizes, bidirectional, dtype):
+    from jax_lstm.eqx import LSTM
+
+    keys = iter(jax.random.split(jax.random.PRNGKey(4), 8))
+    n_dir, cells, d = (2 if bidirectional else 1), [], D
+    for h in sizes:
+        cells.append(tuple(eqx.nn.LSTMCell(d, h, dtype=dtype, key=next(keys)) for _ in range(n_dir)))
+        d = n_dir * h
+    cells = tuple(cells)
+    stack = tuple(tuple(from_equinox(c) for c in layer) for layer in cells)
+    model = LSTM.from_params(stack)
+    assert rel_err(model.to_params(), stack) == 0.0
+    xs, carry, ct_y, ct_carry = _problem(sizes, bidirectional, dtype)
+    lengths = jnp.asarray(LENGTHS)
+
+    params, static = eqx.partition(model, eqx.is_inexact_array)  # `inference` is a Python bool leaf
+
+    def ours(params, xs, state):
+        model = eqx.combine(params, static)
+        run = lambda x, n, s: model(x, _single(s, sizes, bidirectional), seq_length=n)  # noqa: E731
+        y, s = jax.vmap(run)(xs, lengths, state)
+        return y, _nested(s)
+
+    def theirs(cells, xs, state):
+        return jax.vmap(lambda x, n, s: _eqx_reference(cells, x, n, s))(xs, lengths, state)
+
+    y, c, g = _vjp(ours, params, xs, carry, (ct_y, ct_carry))
+    y_r, c_r, g_r = _vjp(theirs, cells, xs, carry, (ct_y, ct_carry))
+    g_stack_r = tuple(tuple(from_equinox(c) for c in layer) for layer in g_r[0])
+    _check_against(dtype, (y, c, g), (y_r, c_r, g_r), g[0].to_params(), g_stack_r)
+
+
+def test_eqx_train_step_dropout_and_round_trip(eqx):
+    from jax_lstm.eqx import LSTM
+
+    k_lstm, k_head = jax.random.split(jax.random.PRNGKey(0))
+
+    class Model(eqx.Module):  # features -> LSTM -> dense, one example
+        lstm: LSTM
+        head: eqx.nn.Linear
+
+        def __call__(self, x, n, *, key=None):
+            hs, _ = self.lstm(x, seq_length=n, key=key)
+            return jax.vmap(self.head)(hs)
+
+    lstm = LSTM(D, (5, 4), bidirectional=True, dropout=0.2, recurrent_dropout=0.2, dtype=jnp.float32, key=k_lstm)
+    model = Model(lstm, eqx.nn.Linear(8, 2, key=k_head))
+    x, y = _regression()
+    lengths = jnp.asarray(LENGTHS)
+    tx = optax.adam(0.05)
+    opt_state = tx.init(eqx.filter(model, eqx.is_array))
+
+    def loss(model, key):
+        keys = None if key is None else jax.random.split(key, B)
+        return jnp.mean((jax.vmap(model)(x, lengths, key=keys) - y) ** 2)
+
+    @eqx.filter_jit
+    def step(model, opt_state, key):
+        value, grads = eqx.filter_value_and_grad(loss)(model, key)
+        updates, opt_state = tx.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state, value
+
+    eval_loss = eqx.filter_jit(lambda m: loss(eqx.nn.inference_mode(m), None))
+    before = float(eval_loss(model))
+    m = model
+    for i in range(6):
+        m, opt_state, value = step(m, opt_state, jax.random.PRNGKey(i))
+        assert np.isfinite(float(value))
+    after = float(eval_loss(m))
+    assert after < 0.9 * before, (before, after)
+    assert rel_err(m.lstm.to_params(), lstm.to_params()) > 0
+
+    # dropout: off in inference mode (= a dropout-free model), reproducible for a key, different for another
+    x0 = x[0]
+    ref, _ = LSTM.from_params(lstm.to_params())(x0)
+    assert np.array_equal(eqx.nn.inference_mode(lstm)(x0)[0], ref)
+    assert np.array_equal(lstm(x0, inference=True)[0], ref)
+    run = lambda k: lstm(x0, key=jax.random.PRNGKey(k))[0]  # noqa: E731
+    assert np.array_equal(run(1), run(1))
+    assert not np.allclose(run(1), run(2))
+    assert not np.allclose(run(1), ref)
+    assert LSTM.from_params(lstm.to_params(), dropout=0.5).dropout == 0.5
+    assert (lstm.input_size, lstm.hidden_sizes, lstm.bidirectional) == (D, (5, 4), True)
+
+
+def test_eqx_errors(eqx):
+    from jax_lstm.eqx import LSTM
+
+    model = LSTM(D, 5, key=jax.random.PRNGKey(0))
+    x, _ = _regression()
+    with pytest.raises(ValueError, match=r"expected \(T, D\) = \(T, 4\): one example \(use jax.vmap"):
+        model(x)
+    with pytest.raises(ValueError, match="seq_length must be a scalar"):
+        model(x[0], seq_length=jnp.array([3]))
+    with pytest.raises(ValueError, match=r"mask has shape \(5,\), expected \(T,\)"):
+        model(x[0], mask=jnp.ones((5,), bool))
+    h = jnp.zeros((5,))
+    with pytest.raises(TypeError, match=r"LSTMState\(h, c\)"):
+        model(x[0], (h, h))
+    with pytest.raises(ValueError, match="needs a key"):
+        LSTM(D, 5, recurrent_dropout=0.3, key=jax.random.PRNGKey(0))(x[0])
+    with pytest.raises(ValueError, match="num_layers=3"):
+        LSTM(D, (5, 4), num_layers=3, key=jax.random.PRNGKey(0))
+
+
+# --------------------------------------------------------------------------- optional dependencies
+
+
+def test_modules_name_their_extra_when_the_library_is_missing():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["flax"] = None       # as if flax and equinox were not installed
+        sys.modules["equinox"] = None
+        import jax_lstm, jax_lstm.interop, jax_lstm.layers  # the core needs neither
+        for name in ("jax_lstm.nnx", "jax_lstm.linen", "jax_lstm.eqx"):
+            try:
+                __import__(name)
+                print(name, "| imported")
+            except ImportError as e:
+                print(name, "|", e)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines == [
+        "jax_lstm.nnx | jax_lstm.nnx needs flax: pip install 'jax_lstm[flax]'",
+        "jax_lstm.linen | jax_lstm.linen needs flax: pip install 'jax_lstm[flax]'",
+        "jax_lstm.eqx | jax_lstm.eqx needs equinox: pip install 'jax_lstm[equinox]'",
+    ]
