@@ -241,4 +241,3 @@ class LSTM(nnx.Module):
             key=key,
         )
         return (carry, outputs) if return_carry else outputs
-
