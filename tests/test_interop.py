@@ -13,12 +13,14 @@ import pytest
 from jax_lstm import LSTMParams, LSTMState, lstm
 from jax_lstm.gradcheck import rel_err
 from jax_lstm.interop import (
+    from_equinox,
     from_flax,
     from_haiku,
     from_keras,
     from_torch,
     states_from_torch,
     states_to_torch,
+    to_equinox,
     to_flax,
     to_haiku,
     to_keras,
@@ -406,3 +408,57 @@ def test_haiku_layout_and_errors():
         from_haiku({"lstm/linear": {"w": w, "b": np.zeros(4)}})
     with pytest.raises(ValueError, match=r"lstm/linear/w has shape \(5, 20\), expected \(D \+ H, 4H\)"):
         from_haiku({"lstm/linear": {"w": np.zeros((5, 20)), "b": np.zeros(20)}})
+
+
+# --------------------------------------------------------------------------- Equinox
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_equinox(dtype):
+    eqx = pytest.importorskip("equinox")
+    cell = eqx.nn.LSTMCell(D, H, dtype=dtype, key=jax.random.PRNGKey(3))
+    rng = np.random.default_rng(13)
+    xs, h0, c0 = (jnp.asarray(rng.standard_normal(s), dtype) for s in ((T, B, D), (B, H), (B, H)))
+
+    @jax.jit
+    def run(cell, xs):  # equinox's state is (h, c), one example at a time
+        def step(state, x):
+            state = jax.vmap(cell)(x, state)
+            return state, state[0]
+
+        return jax.lax.scan(step, (h0, c0), xs)
+
+    (h_e, c_e), hs_e = run(cell, xs)
+    p = from_equinox(cell)
+    hs, (h, c) = lstm(p, xs, LSTMState(h0, c0))
+    assert rel_err((hs, h, c), (hs_e, h_e, c_e)) < TOL[dtype]
+    # exact round trips
+    back = to_equinox(p, key=jax.random.PRNGKey(5))
+    assert jax.tree.structure(back) == jax.tree.structure(cell)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(cell), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert rel_err(from_equinox(back), p) == 0.0
+    q = _random_params(14, dtype)
+    assert rel_err(from_equinox(to_equinox(q)), q) == 0.0
+    # the layout: U = weight_ih.T with blocks re-ordered from i, f, g, o
+    np.testing.assert_array_equal(p.U[:, :H], np.asarray(cell.weight_ih)[H : 2 * H].T)  # f
+    np.testing.assert_array_equal(p.W[:, H : 2 * H], np.asarray(cell.weight_hh)[:H].T)  # i
+    np.testing.assert_array_equal(p.b[3 * H :], np.asarray(cell.bias)[3 * H :])  # o
+
+
+def test_equinox_without_bias_and_errors():
+    eqx = pytest.importorskip("equinox")
+    cell = eqx.nn.LSTMCell(D, H, use_bias=False, dtype=jnp.float64, key=jax.random.PRNGKey(0))
+    p = from_equinox(cell)
+    assert p.b.shape == (4 * H,) and not np.any(p.b) and p.b.dtype == jnp.float64
+    assert from_equinox(cell, dtype=jnp.float32).U.dtype == jnp.float32
+    bad = eqx.tree_at(lambda c: c.weight_ih, cell, jnp.zeros((4 * H + 1, D)))
+    with pytest.raises(ValueError, match=r"weight_ih has shape \(21, 4\), expected \(20, D\)"):
+        from_equinox(bad)
+    bad = eqx.tree_at(lambda c: c.weight_hh, cell, jnp.zeros((4 * H, H + 1)))
+    with pytest.raises(ValueError, match=r"weight_hh has shape \(20, 6\), expected \(4H, H\)"):
+        from_equinox(bad)
+    with pytest.raises(KeyError, match="'weight_ih' is missing"):
+        from_equinox(object())
+    with pytest.raises(ValueError, match=r"params.U has shape"):
+        to_equinox(LSTMParams(p.W, p.U[:, :5], p.b))
