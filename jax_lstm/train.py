@@ -269,7 +269,14 @@ def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, C
 
 
 def make_train_step(task: Task, optimizer: optax.GradientTransformation, lstm_fn=lstm) -> Callable:
-    """The pure train step ``(params, opt_state, batch) -> (params, opt_state, metrics)``.
+    """The pure train step ``(params, opt_state, batch[, healthy]) -> (params, opt_state, metrics)``.
+
+    The step checks its own loss: when the loss or the gradient norm is not
+    finite, or ``healthy`` is False, it returns the params, the optimizer state
+    and the carried state it was given, unchanged, and ``metrics["ok"]`` False.
+    Feeding each step's ``ok`` to the next as ``healthy`` therefore freezes a run
+    at its last good state, and the host needs to read the flags only now and
+    then (``train`` reads them at log steps), never waiting on a step.
 
     Args:
       task: gives the loss.
@@ -278,15 +285,21 @@ def make_train_step(task: Task, optimizer: optax.GradientTransformation, lstm_fn
 
     Returns:
       A function to ``jax.jit`` (with ``donate_argnums=(0, 1)``) or to hand to
-      ``jax_lstm.parallel.data_parallel``. ``metrics`` holds ``loss`` and
-      ``grad_norm`` (scalars) and, for tasks that carry state, ``carry``.
+      ``jax_lstm.parallel.data_parallel``. ``metrics`` holds ``loss``,
+      ``grad_norm`` and ``ok`` (scalars) and, for tasks that carry state, ``carry``.
     """
 
-    def train_step(params, opt_state, batch):
+    def train_step(params, opt_state, batch, healthy=True):
         (loss, aux), grads = jax.value_and_grad(lambda p: task.loss(p, batch, lstm_fn), has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.logical_and(healthy, jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        params, opt_state = jax.tree.map(keep, (new_params, new_opt_state), (params, opt_state))
+        if "carry" in aux and "h0" in batch:
+            aux = {**aux, "carry": jax.tree.map(keep, aux["carry"], LSTMState(batch["h0"], batch["c0"]))}
+        return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "ok": ok, **aux}
 
     return train_step
 
@@ -552,6 +565,33 @@ class _Clock:
         return self.earlier + self.since_start()
 
 
+class _Pending:
+    """The (loss, gradient norm, ok) of the steps run since they were last read, still on the device.
+
+    ``push`` lets the host run at most ``ahead`` steps ahead of the device (it then waits on the step
+    ``ahead`` back, never on the one just launched), so batches are built while the device computes.
+    ``read`` fetches them all in one transfer.
+    """
+
+    def __init__(self, step: int, ahead: int = 2):
+        self.step, self.ahead = step, ahead  # step: the number of the last step read
+        self.outs: list[tuple[jax.Array, jax.Array, jax.Array]] = []
+
+    def push(self, out: dict) -> None:
+        self.outs.append((out["loss"], out["grad_norm"], out["ok"]))
+        if len(self.outs) > self.ahead:
+            jax.block_until_ready(self.outs[-1 - self.ahead][2])
+
+    def read(self) -> tuple[list[float], list[float], tuple[int, float, float] | None]:
+        """``(losses, grad_norms)`` of the good steps and ``(step, loss, grad_norm)`` of the first bad one."""
+        values = [(float(loss), float(g), bool(ok)) for loss, g, ok in jax.device_get(self.outs)]
+        first, self.outs = self.step, []
+        self.step += len(values)
+        n_good = next((i for i, (_, _, ok) in enumerate(values) if not ok), len(values))
+        bad = None if n_good == len(values) else (first + n_good + 1, *values[n_good][:2])
+        return [v[0] for v in values[:n_good]], [v[1] for v in values[:n_good]], bad
+
+
 class _Logger:
     """What happens at a log step: evaluate, record, append to the metrics file, save, run the callbacks.
 
@@ -641,8 +681,20 @@ def _nan_message(what: str, step: int, files: RunFiles) -> str:
 
 
 class _Stop(NamedTuple):
-    reason: str  # done, interrupted, time_limit, callback, nan
+    reason: str  # done, interrupted, hard_interrupt, time_limit, callback, nan
     message: str
+    step: int | None = None  # nan: the step whose loss was not finite
+
+
+def _read(pending: _Pending, log: _Logger, losses: list[float]) -> _Stop | None:
+    """Move the pending steps' losses into ``losses`` and the log window; a stop if one was not finite."""
+    step_losses, grad_norms, bad = pending.read()
+    losses.extend(step_losses)
+    log.add(step_losses, grad_norms)
+    if bad is None:
+        return None
+    step, loss, grad_norm = bad
+    return _Stop("nan", _nan_message(f"the loss became {loss} (gradient norm {grad_norm})", step, log.files), step)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -737,29 +789,30 @@ def train(
 
 
 def _loop(state, task, data, config, device: _Device, log: _Logger, bar: Progress, clock: _Clock):
-    """Run steps until the last one, a stop at a log step, Ctrl-C or the time limit.
+    """Run steps until the last one, a stop at a log step, a non-finite loss, Ctrl-C or the time limit.
+
+    The host never waits for a step: each step's finiteness flag feeds the next step, and the losses are
+    read back only at log steps and when the loop ends.
 
     Returns:
-      ``(state, losses, stop)``: the state reached, the training loss of every step run, and why it stopped
+      ``(state, losses, stop)``: the state reached (after a non-finite loss: the last good params with the
+      bad step's number), the training loss of every good step, and why it stopped
       (``_Stop("hard_interrupt", ...)`` after a second Ctrl-C, when the state must not be saved).
     """
     losses: list[float] = []
+    pending, healthy = _Pending(state.step), jnp.asarray(True)
     stop = None
     with _sigint_flag() as interrupted:
         try:
             while stop is None and state.step < config.steps:
                 key, batch = _next_batch(task, data, config, state)
-                params, opt_state, out = device.step(state.params, state.opt_state, device.place(batch))
+                params, opt_state, out = device.step(state.params, state.opt_state, device.place(batch), healthy)
                 state = TrainState(state.step + 1, params, opt_state, key, out.get("carry", state.carry))
-                loss, grad_norm = (float(v) for v in jax.device_get((out["loss"], out["grad_norm"])))
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    what = f"the loss became {loss} (gradient norm {grad_norm})"
-                    return state, losses, _Stop("nan", _nan_message(what, state.step, log.files))
-                losses.append(loss)
-                log.add([loss], [grad_norm])
+                pending.push(out)
+                healthy = out["ok"]
                 logged = state.step % config.log_every == 0 or state.step == config.steps
                 if logged:
-                    stop = log(state)
+                    stop = _read(pending, log, losses) or log(state)
                 left = config.time_limit - clock.since_start() if config.time_limit else None
                 bar.update(state.step, log.last.get("loss"), log.last.get(task.metric), logged=logged, limit_left=left)
                 if stop is None and interrupted.is_set():
@@ -768,6 +821,10 @@ def _loop(state, task, data, config, device: _Device, log: _Logger, bar: Progres
                     stop = _Stop("time_limit", f"time limit of {config.time_limit:g} s reached at step {state.step}")
         except KeyboardInterrupt:  # a second Ctrl-C: the state may be half-updated, so it is not saved
             stop = _Stop("hard_interrupt", f"interrupted during step {state.step + 1}")
+    if pending.outs:  # steps since the last log: a non-finite loss among them overrides any other stop
+        stop = _read(pending, log, losses) or stop
+    if stop is not None and stop.reason == "nan" and stop.step is not None:
+        state = state._replace(step=stop.step)  # the params are those before that step: it kept them
     return state, losses, stop or _Stop("done", f"finished {state.step} steps")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 
@@ -220,3 +221,59 @@ def test_progress_bar_rewrites_one_line_on_a_terminal():
     assert last.startswith("10/10 [####################] 100% | loss 0.2000 | val_bpc 1.5000 |")
     assert "steps/s | ETA 0:00" in last
     assert Progress(10, 0, "m", stream=io.StringIO()).mode == "lines"  # not a terminal: one line per log step
+
+
+def test_nan_between_log_steps_keeps_the_last_good_state(tmp_path, monkeypatch):
+    """The loop reads the losses only at log steps: a NaN at step 7 is found at step 10, yet the run reports
+    step 7 and its params are those of step 6 (every step after the bad one kept the state it was given)."""
+    task = get_task("sine")
+    original = task.train_batch
+    monkeypatch.setattr(
+        task,
+        "train_batch",
+        lambda data, config, step, key: {
+            **original(data, config, step, key),
+            "x": original(data, config, step, key)["x"] * (jnp.nan if step == 6 else 1.0),
+        },
+    )
+    cfg = TrainConfig(task="sine", batch_size=4, seq_len=6, hidden=4, steps=50, log_every=5)
+    result = train(cfg, out_dir=tmp_path, progress="none")
+    six = train(dataclasses.replace(cfg, steps=6), progress="none")
+    assert result.stop == "nan" and result.state.step == 7 and "at step 7" in result.message
+    assert "the last good checkpoint (step 5)" in result.message
+    assert len(result.losses) == 6
+    for a, b in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(six.state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert load_run(tmp_path).state.step == 5
+
+
+def test_loop_reads_the_device_only_at_log_steps(monkeypatch):
+    """20 steps with a log every 10: two transfers of the step losses, not one per step."""
+    calls = []
+    device_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: calls.append(1) or device_get(x))
+    result = train(TrainConfig(task="sine", batch_size=4, seq_len=6, hidden=4, steps=20, log_every=10), progress="none")
+    assert result.state.step == 20 and len(result.losses) == 20
+    assert len(calls) == 2
+
+
+def test_train_step_keeps_its_inputs_when_the_loss_is_not_finite():
+    cfg = TrainConfig(task="sine", batch_size=4, seq_len=6, hidden=4, steps=3).resolved()
+    task = get_task("sine")
+    data = task.setup(cfg)
+    opt, _ = make_optimizer(cfg)
+    step = jax.jit(make_train_step(task, opt))
+    st = init_state(task, cfg, data, opt)
+    batch = task.train_batch(data, cfg, 0, jax.random.PRNGKey(0))
+    for b, healthy, ok in (
+        (batch, True, True),
+        ({**batch, "x": batch["x"] * jnp.inf}, True, False),
+        (batch, False, False),
+    ):
+        p, s, m = step(st.params, st.opt_state, b, jnp.asarray(healthy))
+        assert bool(m["ok"]) == ok
+        same = [
+            np.array_equal(np.asarray(x), np.asarray(y))
+            for x, y in zip(jax.tree.leaves((p, s)), jax.tree.leaves((st.params, st.opt_state)), strict=True)
+        ]
+        assert all(same) != ok
