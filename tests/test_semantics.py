@@ -4,9 +4,12 @@ Every value is compared with ``numpy_oracle.lstm_np``, which shares no code with
 ``jax_lstm``; every gradient of ``lstm`` with the autodiff of ``lstm_ref`` and, for a
 few configurations, with finite differences of the oracle.
 
-Each static configuration costs an XLA compile, so the option grid runs on a
-covering subset of the full product (every 3 options take every combination of
-their values in some row); ``JAX_LSTM_FULL_GRID=1`` runs all 128 configurations.
+Each static configuration costs an XLA compile, so the option grid runs on
+covering subsets of the full product of the 7 options (128 configurations):
+values on one where every 3 options take every combination of their values,
+values and gradients on one where every 2 do. ``JAX_LSTM_FULL_GRID=1`` runs all
+128 configurations for both. The other tests reuse the compiled configurations
+of the gradient grid wherever they can, feeding their own masks and resets.
 """
 
 from __future__ import annotations
@@ -66,12 +69,14 @@ LEVELS = ((False, True), (False, True), (False, True), (False, True), (0.0, P_DR
 ALL_CFGS = [Cfg(*c) for c in itertools.product(*LEVELS)]
 
 
-def covering_subset(cfgs: list[Cfg], strength: int) -> list[Cfg]:
-    """A greedy subset in which every ``strength`` options take every combination of their values."""
+def covering_subset(cfgs: list[Cfg], strength: int, seeds: tuple[Cfg, ...] = ()) -> list[Cfg]:
+    """A greedy subset (starting with ``seeds``) where every ``strength`` options take every combination of values."""
     n = len(cfgs[0])
     groups = list(itertools.combinations(range(n), strength))
     todo = {(g, tuple(c[k] for k in g)) for c in cfgs for g in groups}
-    chosen = []
+    chosen = list(seeds)
+    for c in seeds:
+        todo -= {(g, tuple(c[k] for k in g)) for g in groups}
     while todo:
         best = max(cfgs, key=lambda c: sum((g, tuple(c[k] for k in g)) in todo for g in groups))
         chosen.append(best)
@@ -79,9 +84,12 @@ def covering_subset(cfgs: list[Cfg], strength: int) -> list[Cfg]:
     return chosen
 
 
+ALL_ON = Cfg(True, True, True, False, P_DROP, True, True)  # every option, forward, time-major
+ALL_ON_BM = ALL_ON._replace(time_major=False)
+ALL_ON_REV_BM = ALL_ON._replace(reverse=True, time_major=False)
 FULL_GRID = os.environ.get("JAX_LSTM_FULL_GRID") == "1"
-GRID = ALL_CFGS if FULL_GRID else covering_subset(ALL_CFGS, 3)
-ALL_ON = Cfg(True, True, True, False, P_DROP, True, True)
+VALUE_GRID = ALL_CFGS if FULL_GRID else covering_subset(ALL_CFGS, 3)
+GRAD_GRID = ALL_CFGS if FULL_GRID else covering_subset(ALL_CFGS, 2, seeds=(ALL_ON, ALL_ON_BM, ALL_ON_REV_BM))
 
 
 class Problem(NamedTuple):
@@ -223,60 +231,68 @@ def random_cts(cfg: Cfg, pb: Problem, seed: int):
 # ------------------------------------------------------------------------------------------- the option grid
 
 
-def test_covering_subset_covers_every_triple():
-    assert len(GRID) < len(ALL_CFGS) or FULL_GRID
-    for g in itertools.combinations(range(len(LEVELS)), 3):
-        seen = {tuple(c[k] for k in g) for c in GRID}
-        assert len(seen) == 8, g
+def test_grids_cover_every_combination_of_their_strength():
+    for grid, strength in ((VALUE_GRID, 3), (GRAD_GRID, 2)):
+        assert len(grid) < len(ALL_CFGS) or FULL_GRID
+        for g in itertools.combinations(range(len(LEVELS)), strength):
+            assert len({tuple(c[k] for k in g) for c in grid}) == 2**strength, g
 
 
-@pytest.mark.parametrize("cfg", GRID, ids=str)
-def test_values_and_gradients_match_oracle(cfg):
-    pb = problem(seed=hash(cfg) % 1000)
-    cts = random_cts(cfg, pb, seed=1)
-    masks = [pb.mask, np.ones_like(pb.mask)] if cfg.mask else [pb.mask]
-    runs = [vjp_both(cfg)(*args(cfg, pb, mask), cts) for mask in masks]
-    for mask, ((out, g), (out_r, g_r)) in zip(masks, runs, strict=True):
-        hs_o, h_o, c_o = oracle(cfg, pb, mask)
-        for name, got in (("lstm", out), ("lstm_ref", out_r)):
-            hs, (h, c) = got
-            assert hs.dtype == h.dtype == c.dtype == np.float64
-            for field, a, want in (("hs", hs, hs_o), ("h", h, h_o), ("c", c, c_o)):
-                np.testing.assert_allclose(a, want, rtol=VALUE_TOL, atol=VALUE_TOL, err_msg=f"{name} {field}")
-        for name, a in flat_grads(g).items():
-            want = flat_grads(g_r)[name]
-            assert a.shape == want.shape and a.dtype == want.dtype, name
-            assert rel_err(a, want) <= 1e-10, (name, rel_err(a, want))
-        assert np.max(np.abs(flat_grads(g)["W"])) > 1e-3  # the comparison is not between zeros
-    (out, g), (out_r, g_r) = runs[0]
+@functools.cache
+def forward_both(cfg: Cfg):
+    """jit: values of lstm and lstm_ref for one configuration."""
+    return jax.jit(lambda *a: tuple(call(fn, cfg, *a) for fn in (lstm, lstm_ref)))
+
+
+def check_values(cfg: Cfg, pb: Problem, outs, mask=None) -> None:
+    hs_o, h_o, c_o = oracle(cfg, pb, mask)
+    for name, (hs, (h, c)) in zip(("lstm", "lstm_ref"), outs, strict=True):
+        assert hs.dtype == h.dtype == c.dtype == np.float64
+        for field, a, want in (("hs", hs, hs_o), ("h", h, h_o), ("c", c, c_o)):
+            np.testing.assert_allclose(a, want, rtol=VALUE_TOL, atol=VALUE_TOL, err_msg=f"{name} {field} {cfg}")
+
+
+def skipped_steps(cfg: Cfg, pb: Problem) -> np.ndarray:
+    """(T, B) or (B, T): the steps that do not run under cfg's mask and lengths."""
     skipped = np.zeros(pb.mask.shape, bool)
     if cfg.mask:
         skipped |= ~pb.mask
     if cfg.lengths:
-        skipped |= ~length_mask(pb.lengths, T)
-    skipped = lay(cfg.time_major, skipped)
-    for hs, gx in ((out[0], flat_grads(g)["xs"]), (out_r[0], flat_grads(g_r)["xs"])):
-        assert np.all(np.asarray(hs)[skipped] == 0)  # skipped steps: zero output
-        assert np.all(np.asarray(gx)[skipped] == 0)  # and their inputs get zero gradient
+        skipped |= ~length_mask(pb.lengths, pb.mask.shape[0])
+    return lay(cfg.time_major, skipped)
 
 
-def test_all_true_mask_is_no_mask():
-    pb = problem(3)
-    base = Cfg(False, True, True, True, P_DROP, True, True)
-    with_mask = base._replace(mask=True)
-    cts = random_cts(base, pb, 2)
-    (out, g), _ = vjp_both(base)(*args(base, pb), cts)
-    (out_m, g_m), _ = vjp_both(with_mask)(*args(with_mask, pb, np.ones_like(pb.mask)), cts)
-    for a, b in zip(jax.tree.leaves((out, g)), jax.tree.leaves((out_m, g_m)), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+@pytest.mark.parametrize("cfg", VALUE_GRID, ids=str)
+def test_values_match_oracle(cfg):
+    """Random mask pattern with an all-True and an all-False row, then an all-True mask; lengths 0..T."""
+    pb = problem(seed=hash(cfg) % 1000)
+    masks = [pb.mask, np.ones_like(pb.mask)] if cfg.mask else [pb.mask]
+    for mask in masks:
+        outs = forward_both(cfg)(*args(cfg, pb, mask))
+        check_values(cfg, pb, outs, mask)
+    for hs, _ in forward_both(cfg)(*args(cfg, pb)):
+        assert np.all(np.asarray(hs)[skipped_steps(cfg, pb)] == 0)  # skipped steps: zero output
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [ALL_ON, Cfg(True, True, False, True, P_DROP, True, False), Cfg(True, False, True, True, 0.0, False, True)],
-    ids=str,
-)
-def test_float32_gradients_match_ref(cfg):
+@pytest.mark.parametrize("cfg", GRAD_GRID, ids=str)
+def test_gradients_match_ref(cfg):
+    """VJPs of lstm == autodiff of lstm_ref (float64, rel 1e-10) for W, U, b, xs, h0, c0, random cotangents."""
+    pb = problem(seed=hash(cfg) % 1000 + 1)
+    cts = random_cts(cfg, pb, seed=1)
+    (out, g), (out_r, g_r) = vjp_both(cfg)(*args(cfg, pb), cts)
+    check_values(cfg, pb, (out, out_r))
+    for name, a in flat_grads(g).items():
+        want = flat_grads(g_r)[name]
+        assert a.shape == want.shape and a.dtype == want.dtype, name
+        assert rel_err(a, want) <= 1e-10, (name, rel_err(a, want))
+    assert np.max(np.abs(flat_grads(g)["W"])) > 1e-3  # the comparison is not between zeros
+    skipped = skipped_steps(cfg, pb)
+    for gx in (flat_grads(g)["xs"], flat_grads(g_r)["xs"]):
+        assert np.all(np.asarray(gx)[skipped] == 0)  # inputs of skipped steps get zero gradient
+
+
+def test_float32_gradients_match_ref():
+    cfg = ALL_ON_REV_BM
     pb = problem(5, dtype=np.float32)
     cts = random_cts(cfg, pb, seed=4)
     (out, g), (out_r, g_r) = vjp_both(cfg)(*args(cfg, pb), cts)
@@ -325,7 +341,7 @@ def oracle_fd(cfg: Cfg, pb: Problem, cts, eps: float = 1e-6) -> dict:
     return grads
 
 
-@pytest.mark.parametrize("cfg", [ALL_ON, Cfg(True, True, True, True, P_DROP, True, False)], ids=str)
+@pytest.mark.parametrize("cfg", [ALL_ON, ALL_ON_REV_BM], ids=str)
 def test_gradients_match_finite_differences_of_the_oracle(cfg):
     pb = problem(11)
     cts = random_cts(cfg, pb, seed=12)
@@ -352,15 +368,16 @@ def test_vmap_over_a_leading_axis():
 
     run = jax.jit(jax.vmap(jax.value_and_grad(lambda p, x: loss(lstm, p, x), argnums=(0, 1)), in_axes=(None, 0)))
     vals, (gp, gx) = run(pb.params, xs)
+    ref = jax.jit(jax.value_and_grad(lambda p, x: loss(lstm_ref, p, x), argnums=(0, 1)))
     for n in range(3):
-        v_r, (gp_r, gx_r) = jax.value_and_grad(lambda p, x: loss(lstm_ref, p, x), argnums=(0, 1))(pb.params, xs[n])
+        v_r, (gp_r, gx_r) = ref(pb.params, xs[n])
         assert rel_err(vals[n], v_r) <= 1e-12
         assert rel_err(gx[n], gx_r) <= 1e-10
         for a, b in zip(gp, gp_r, strict=True):
             assert rel_err(a[n], b) <= 1e-10
 
 
-@pytest.mark.parametrize("cfg", [ALL_ON, Cfg(True, True, False, True, P_DROP, True, False)], ids=str)
+@pytest.mark.parametrize("cfg", [ALL_ON_REV_BM], ids=str)
 def test_grad_of_grad_matches_ref(cfg):
     """Hessian-vector products (reverse over reverse) of a loss through lstm and through lstm_ref."""
     pb = problem(31)
@@ -388,83 +405,80 @@ def test_grad_of_grad_matches_ref(cfg):
 # ------------------------------------------------------------------------------------------- resets
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_no_gradient_crosses_a_reset(reverse):
-    """With a reset of row 1 at step r, hs after it (in visiting order) does not depend on inputs before it."""
-    pb = problem(41)
+def neutral(pb: Problem, mask=None, resets=None) -> Problem:
+    """The problem with an all-True mask, all lengths T and no resets, unless given."""
+    t, b = pb.mask.shape
+    return pb._replace(
+        mask=np.ones((t, b), bool) if mask is None else mask,
+        resets=np.zeros((t, b), bool) if resets is None else resets,
+        lengths=np.full(b, t, np.int32),
+    )
+
+
+@pytest.mark.parametrize("cfg", [ALL_ON, ALL_ON_REV_BM], ids=str)
+def test_no_gradient_crosses_a_reset(cfg):
+    """With a reset of row 1 at step r, hs from r on (in visiting order) does not depend on inputs before it."""
     r = 2
     resets = np.zeros((T, B), bool)
     resets[r, 1] = True
-    later = np.arange(T) >= r if not reverse else np.arange(T) <= r  # visited from r on
+    later = np.arange(T) <= r if cfg.reverse else np.arange(T) >= r  # visited from the reset on
     earlier = ~later
-    ct = np.zeros((T, B, H))
-    ct[later, 1] = np.random.default_rng(0).normal(size=(int(later.sum()), H))
-    s0 = LSTMState(jnp.asarray(pb.h0), jnp.asarray(pb.c0))
-
-    def grads(fn, res):
-        def loss(x):
-            hs, (h, c) = fn(pb.params, x, s0, resets=res, reverse=reverse)
-            return jnp.sum(hs * ct) + jnp.sum(h[1] * ct[r, 1]) + jnp.sum(c[1])
-
-        return jax.jit(jax.grad(loss))(jnp.asarray(pb.xs))
-
-    for fn in (lstm, lstm_ref):
-        g = np.asarray(grads(fn, resets))
-        assert np.all(g[earlier, 1] == 0), fn.__name__
-        assert np.max(np.abs(g[later, 1])) > 1e-3
-        g_plain = np.asarray(grads(fn, np.zeros((T, B), bool)))  # without the reset it does depend on them
-        assert np.max(np.abs(g_plain[earlier, 1])) > 1e-4
+    rng = np.random.default_rng(0)
+    hs_ct = np.zeros((T, B, H))
+    hs_ct[later, 1] = rng.normal(size=(int(later.sum()), H))
+    h_ct = np.zeros((B, H))
+    h_ct[1] = rng.normal(size=H)
+    cts = (jnp.asarray(lay(cfg.time_major, hs_ct)), LSTMState(jnp.asarray(h_ct), jnp.asarray(h_ct[::-1])))
+    for res, crossing in ((resets, False), (np.zeros((T, B), bool), True)):
+        pb = neutral(problem(41), resets=res)
+        for name, (_, g) in zip(("lstm", "lstm_ref"), vjp_both(cfg)(*args(cfg, pb), cts), strict=True):
+            gx = lay(cfg.time_major, np.asarray(flat_grads(g)["xs"]))
+            assert np.max(np.abs(gx[later, 1])) > 1e-3
+            if crossing:  # without the reset, the same outputs do depend on the earlier inputs
+                assert np.max(np.abs(gx[earlier, 1])) > 1e-4, name
+            else:
+                assert np.all(gx[earlier, 1] == 0), (name, gx[earlier, 1])
 
 
 def test_state0_gradient_sums_over_start_and_every_reset():
-    """d loss / d state0 == finite differences of the oracle, and == the sum of the per-segment gradients."""
-    pb = problem(51)
+    """Row 0 restarts from state0 at steps 2 and 4: its state0 gradient == finite differences of the oracle."""
     resets = np.zeros((T, B), bool)
-    resets[2, 0] = resets[4, 0] = True  # row 0: segments [0, 2), [2, 4), [4, 5)
-    pb = pb._replace(resets=resets)
-    cfg = Cfg(False, True, False, False, 0.0, True, True)
+    resets[2, 0] = resets[4, 0] = True
+    resets[1, 3] = True
+    cfg = ALL_ON
+    pb = neutral(problem(51), resets=resets)
     cts = random_cts(cfg, pb, 52)
     (_, g), (_, g_r) = vjp_both(cfg)(*args(cfg, pb), cts)
     fd = oracle_fd(cfg, pb, cts)
     for name in ("h0", "c0"):
         assert rel_err(flat_grads(g)[name], fd[name]) <= FD_TOL, name
-        assert rel_err(flat_grads(g)[name], flat_grads(g_r)[name]) <= 1e-10, name
-    # the same loss written as three independent segments of row 0, each started from state0
-    hs_ct, (h_ct, c_ct) = cts
-    s0 = LSTMState(jnp.asarray(pb.h0[:1]), jnp.asarray(pb.c0[:1]))
-
-    def seg_grad(t0, t1, final):
-        def loss(s):
-            hs, (h, c) = lstm(pb.params, jnp.asarray(pb.xs[t0:t1, :1]), s)
-            out = jnp.sum(hs * hs_ct[t0:t1, :1])
-            return out + (jnp.sum(h * h_ct[:1]) + jnp.sum(c * c_ct[:1]) if final else 0.0)
-
-        return jax.grad(loss)(s0)
-
-    parts = [seg_grad(0, 2, False), seg_grad(2, 4, False), seg_grad(4, 5, True)]
-    total = jax.tree.map(lambda *a: sum(a), *parts)
-    assert rel_err(flat_grads(g)["h0"][0], total.h[0]) <= 1e-10
-    assert rel_err(flat_grads(g)["c0"][0], total.c[0]) <= 1e-10
+        assert rel_err(flat_grads(g_r)[name], fd[name]) <= FD_TOL, name
+    # a reset makes row 0's state0 gradient differ from the one without resets (so more than the start counts)
+    (_, g_plain), _ = vjp_both(cfg)(*args(cfg, neutral(problem(51))), cts)
+    assert np.max(np.abs(np.asarray(flat_grads(g)["h0"][0]) - np.asarray(flat_grads(g_plain)["h0"][0]))) > 1e-4
 
 
-@pytest.mark.parametrize("fn", [lstm, lstm_ref])
-def test_reset_at_a_masked_step_still_resets(fn):
-    pb = problem(61)
+def test_reset_at_a_masked_step_still_resets():
+    """Row 0: step 2 masked and reset, so steps 3.. run from state0; row 1: reset on its masked last step."""
+    cfg = ALL_ON
     mask = np.ones((T, B), bool)
     resets = np.zeros((T, B), bool)
     mask[2, 0], resets[2, 0] = False, True
-    s0 = LSTMState(jnp.asarray(pb.h0), jnp.asarray(pb.c0))
-    hs, _ = fn(pb.params, jnp.asarray(pb.xs), s0, mask=mask, resets=resets)
-    fresh, _ = fn(pb.params, jnp.asarray(pb.xs[3:, :1]), LSTMState(s0.h[:1], s0.c[:1]))
-    np.testing.assert_allclose(hs[3:, :1], fresh, rtol=1e-13, atol=1e-14)
-    assert np.all(np.asarray(hs[2, 0]) == 0)
-    carried, _ = fn(pb.params, jnp.asarray(pb.xs), s0, mask=mask)  # without the reset the state carries on
-    assert np.max(np.abs(np.asarray(carried[3:, 0]) - np.asarray(hs[3:, 0]))) > 1e-4
-    # a reset on the last step, which is masked, makes the final state state0
     mask[T - 1, 1], resets[T - 1, 1] = False, True
-    _, (h, c) = fn(pb.params, jnp.asarray(pb.xs), s0, mask=mask, resets=resets)
-    np.testing.assert_array_equal(h[1], pb.h0[1])
-    np.testing.assert_array_equal(c[1], pb.c0[1])
+    pb = neutral(problem(61), mask=mask, resets=resets)
+    zeros = zero_cts(cfg, pb)
+    fresh, _, _ = lstm_np(
+        *pb.params, pb.xs[3:, :1], pb.h0[:1], pb.c0[:1], keep_scale=dropout_scale(pb.keep[:1], P_DROP)
+    )
+    carried = neutral(pb, mask=mask)  # the same mask, no resets
+    runs = vjp_both(cfg)(*args(cfg, pb), zeros), vjp_both(cfg)(*args(cfg, carried), zeros)
+    for (out, _), (out_c, _) in zip(*runs, strict=True):
+        hs, (h, c) = out
+        np.testing.assert_allclose(hs[3:, :1], fresh, rtol=VALUE_TOL, atol=VALUE_TOL)
+        assert np.all(np.asarray(hs[2, 0]) == 0)
+        assert np.max(np.abs(np.asarray(out_c[0][3:, 0]) - np.asarray(hs[3:, 0]))) > 1e-4
+        np.testing.assert_array_equal(h[1], pb.h0[1])  # the final state of row 1 is state0
+        np.testing.assert_array_equal(c[1], pb.c0[1])
 
 
 def test_resets_without_state0_restore_zeros():
@@ -514,15 +528,20 @@ def test_recurrent_dropout_same_key_same_mask_and_keys_differ():
 def test_zero_recurrent_dropout_is_the_plain_layer(fn):
     pb = problem(73)
     xs, s0 = jnp.asarray(pb.xs), LSTMState(jnp.asarray(pb.h0), jnp.asarray(pb.c0))
-    ct = cotangents(1, fn(pb.params, xs, s0))
+    ct = cotangents(1, (jnp.zeros((T, B, H)), s0))
+    variants = ({}, dict(recurrent_dropout=0.0, key=pb.key), dict(recurrent_dropout=0.0))
 
-    def vjp(**kw):
-        out, f = jax.vjp(lambda p, x, s: fn(p, x, s, **kw), pb.params, xs, s0)
-        return out, f(ct)
+    def vjps(p, x, s):
+        res = []
+        for kw in variants:
+            out, f = jax.vjp(lambda p_, x_, s_, kw=kw: fn(p_, x_, s_, **kw), p, x, s)
+            res.append((out, f(ct)))
+        return res
 
-    plain = vjp()
-    for kw in (dict(recurrent_dropout=0.0, key=pb.key), dict(recurrent_dropout=0.0)):
-        for u, v in zip(jax.tree.leaves(vjp(**kw)), jax.tree.leaves(plain), strict=True):
+    plain, *others = jax.jit(vjps)(pb.params, xs, s0)
+    assert np.max(np.abs(np.asarray(plain[1][0].W))) > 1e-3
+    for other in others:
+        for u, v in zip(jax.tree.leaves(other), jax.tree.leaves(plain), strict=True):
             np.testing.assert_array_equal(u, v)
 
 
@@ -639,14 +658,15 @@ def test_out_of_range_lengths_are_clamped_under_jit():
     clamped = np.clip(lengths, 0, T)
     xs = jnp.asarray(pb.xs)
     hs_o, h_o, c_o = lstm_np(*pb.params, pb.xs, seq_lengths=clamped)
-    for fn in (lstm, lstm_ref):
-        hs, (h, c) = jax.jit(lambda p, x, n, fn=fn: fn(p, x, seq_lengths=n))(pb.params, xs, lengths)
+    for hs, (h, c) in jax.jit(lambda p, x, n: (lstm(p, x, seq_lengths=n), lstm_ref(p, x, seq_lengths=n)))(
+        pb.params, xs, lengths
+    ):
         np.testing.assert_allclose(hs, hs_o, rtol=VALUE_TOL, atol=VALUE_TOL)
         np.testing.assert_allclose(h, h_o, rtol=VALUE_TOL, atol=VALUE_TOL)
         np.testing.assert_allclose(c, c_o, rtol=VALUE_TOL, atol=VALUE_TOL)
-    params = init_stack(jax.random.PRNGKey(1), D, [H, H], bidirectional=True, dtype=jnp.float64)
-    got = jax.jit(lambda p, x, n: lstm_stack(p, x, seq_lengths=n))(params, xs, lengths)
-    want = lstm_stack(params, xs, seq_lengths=clamped)
+    params = init_stack(jax.random.PRNGKey(1), D, [H], bidirectional=True, dtype=jnp.float64)
+    stack = jax.jit(lambda p, x, n: lstm_stack(p, x, seq_lengths=n))
+    got, want = stack(params, xs, lengths), stack(params, xs, clamped)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
 
@@ -682,15 +702,19 @@ def test_empty_batch_and_empty_time(which, t, b, opts):
         )
         f = lambda p, x, s: lstm_stack(p, x, s, **kw)  # noqa: E731
         h_out = 2 * n_dir
-    out, vjp = jax.vjp(f, params, xs, s0)
+    ct = cotangents(5, jax.eval_shape(f, params, xs, s0))
+
+    def forward_backward(p, x, s):
+        out, vjp = jax.vjp(f, p, x, s)
+        return out, vjp(ct)
+
+    out, (g_params, g_xs, g_s0) = jax.jit(forward_backward)(params, xs, s0)
     hs, finals = out
     assert hs.shape == (t, b, h_out) and hs.dtype == np.float64
     for a, s in zip(jax.tree.leaves(finals), jax.tree.leaves(s0), strict=True):
         assert a.shape == s.shape and a.dtype == np.float64
         if t == 0:  # nothing ran: the final state is state0
             np.testing.assert_array_equal(a, s)
-    ct = cotangents(5, out)
-    g_params, g_xs, g_s0 = vjp(ct)
     for g, p in zip(jax.tree.leaves(g_params), jax.tree.leaves(params), strict=True):
         assert g.shape == p.shape and g.dtype == p.dtype
         np.testing.assert_array_equal(g, np.zeros(p.shape))
@@ -699,36 +723,26 @@ def test_empty_batch_and_empty_time(which, t, b, opts):
         assert g.shape == s.shape and g.dtype == s.dtype
         if t == 0:  # the final state is state0, so its cotangent passes through unchanged
             np.testing.assert_array_equal(g, c)
-    jit_out = jax.jit(f)(params, xs, s0)
-    for a, b_ in zip(jax.tree.leaves(jit_out), jax.tree.leaves(out), strict=True):
-        np.testing.assert_array_equal(a, b_)
 
 
 # ------------------------------------------------------------------------------------------- time_major=False
 
 
-@pytest.mark.parametrize("fn", [lstm, lstm_ref])
-def test_batch_major_is_time_major_transposed_layer(fn):
-    cfg = ALL_ON._replace(reverse=True)
+def test_batch_major_is_time_major_transposed_layer():
+    """lstm and lstm_ref with time_major=False == time-major on transposed arrays: values and gradients."""
     pb = problem(111)
-    ct_tm = random_cts(cfg, pb, 1)
-
-    def vjp(time_major):
-        c = cfg._replace(time_major=time_major)
-        f = lambda p, x, h, cc: call(fn, c, p, x, h, cc, *args(c, pb)[4:])  # noqa: E731
-        out, g = jax.vjp(f, pb.params, lay(time_major, jnp.asarray(pb.xs)), jnp.asarray(pb.h0), jnp.asarray(pb.c0))
-        ct = (lay(time_major, ct_tm[0]), ct_tm[1])
-        return out, g(ct)
-
-    (out_t, g_t), (out_b, g_b) = vjp(True), vjp(False)
-    assert out_b[0].shape == (B, T, H)
-    np.testing.assert_allclose(lay(False, out_b[0]), out_t[0], rtol=1e-13, atol=1e-14)
-    for a, b in zip(jax.tree.leaves(out_b[1]), jax.tree.leaves(out_t[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
-    assert g_b[1].shape == (B, T, D)
-    np.testing.assert_allclose(lay(False, g_b[1]), g_t[1], rtol=1e-12, atol=1e-13)
-    for a, b in zip(jax.tree.leaves((g_b[0], g_b[2:])), jax.tree.leaves((g_t[0], g_t[2:])), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+    cts_t = random_cts(ALL_ON, pb, 1)
+    cts_b = (lay(False, cts_t[0]), cts_t[1])
+    run_t = vjp_both(ALL_ON)(*args(ALL_ON, pb), cts_t)
+    run_b = vjp_both(ALL_ON_BM)(*args(ALL_ON_BM, pb), cts_b)
+    for (out_t, g_t), (out_b, g_b) in zip(run_t, run_b, strict=True):
+        assert out_b[0].shape == (B, T, H) and g_b[1].shape == (B, T, D)
+        np.testing.assert_allclose(lay(False, out_b[0]), out_t[0], rtol=1e-13, atol=1e-14)
+        for a, b in zip(jax.tree.leaves(out_b[1]), jax.tree.leaves(out_t[1]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(lay(False, g_b[1]), g_t[1], rtol=1e-12, atol=1e-13)
+        for a, b in zip(jax.tree.leaves((g_b[0], g_b[2:])), jax.tree.leaves((g_t[0], g_t[2:])), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
 def test_batch_major_lstm_trace():
@@ -743,12 +757,12 @@ def test_batch_major_lstm_trace():
             tr = lstm_trace(
                 p, x, s0, mask=lay(time_major, pb.mask), resets=lay(time_major, pb.resets), time_major=time_major, **kw
             )
-            return tr, sum(jnp.sum(lay(time_major, a) * c) for a, c in zip(tr, cts, strict=True))
+            return sum(jnp.sum(lay(time_major, a) * c) for a, c in zip(tr, cts, strict=True)), tr
 
-        (tr, _), g = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(pb.params, lay(time_major, jnp.asarray(pb.xs)))
+        (_, tr), g = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(pb.params, lay(time_major, jnp.asarray(pb.xs)))
         return tr, g
 
-    (tr_t, g_t), (tr_b, g_b) = run(True), run(False)
+    (tr_t, g_t), (tr_b, g_b) = jax.jit(lambda: (run(True), run(False)))()
     for a, b in zip(tr_b, tr_t, strict=True):
         assert a.shape == (B, T, H)
         np.testing.assert_allclose(lay(False, a), b, rtol=1e-13, atol=1e-14)
@@ -768,44 +782,43 @@ def _stack_problem(seed, bidirectional):
     return params, states0
 
 
-@pytest.mark.parametrize("bidirectional,dropout", [(False, 0.0), (True, 0.0), (True, 0.25)])
+@pytest.mark.parametrize("bidirectional,dropout", [(False, 0.0), (True, 0.25)])
 def test_batch_major_stack_and_gate_trace_stack(bidirectional, dropout):
-    """With dropout between layers too: its mask is documented per element of the (T, B, D) output."""
+    """lstm_stack and gate_trace_stack with time_major=False == time-major on transposed arrays.
+
+    Dropout between layers included: its mask is documented per element of the (T, B, D) output.
+    """
     pb = problem(113)
     params, states0 = _stack_problem(113, bidirectional)
     kw = dict(seq_lengths=pb.lengths, dropout=dropout, recurrent_dropout=P_DROP, key=pb.key)
-    h_out = 2 * (2 if bidirectional else 1)
-    ct = np.random.default_rng(4).normal(size=(T, B, h_out))
+    n_dir = 2 if bidirectional else 1
+    ct_hs = jnp.asarray(np.random.default_rng(4).normal(size=(T, B, 2 * n_dir)))
+    ct_fin = cotangents(5, states0)
 
-    def run(time_major):
-        def f(p, x, s):
-            hs, finals = lstm_stack(
-                p, x, s, mask=lay(time_major, pb.mask), resets=lay(time_major, pb.resets), time_major=time_major, **kw
-            )
-            return (hs, finals), jnp.sum(lay(time_major, hs) * ct) + sum(jnp.sum(a) for a in jax.tree.leaves(finals))
+    def run(time_major, p, xs, s0):
+        m, r = lay(time_major, pb.mask), lay(time_major, pb.resets)
+        x = lay(time_major, xs)
 
-        x = lay(time_major, jnp.asarray(pb.xs))
-        (out, _), g = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(params, x, states0)
-        traces = gate_trace_stack(
-            params,
-            x,
-            states0,
-            seq_lengths=pb.lengths,
-            mask=lay(time_major, pb.mask),
-            resets=lay(time_major, pb.resets),
-            time_major=time_major,
-        )
+        def f(p_, x_, s_):
+            hs, finals = lstm_stack(p_, x_, s_, mask=m, resets=r, time_major=time_major, **kw)
+            return jnp.sum(lay(time_major, hs) * ct_hs) + scalar_loss(finals, ct_fin), (hs, finals)
+
+        (_, out), g = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(p, x, s0)
+        traces = gate_trace_stack(p, x, s0, seq_lengths=pb.lengths, mask=m, resets=r, time_major=time_major)
         return out, g, traces
 
-    (o_t, g_t, tr_t), (o_b, g_b, tr_b) = run(True), run(False)
-    assert o_b[0].shape == (B, T, h_out)
+    both = jax.jit(lambda p, x, s: (run(True, p, x, s), run(False, p, x, s)))
+    (o_t, g_t, tr_t), (o_b, g_b, tr_b) = both(params, jnp.asarray(pb.xs), states0)
+    assert o_b[0].shape == (B, T, 2 * n_dir)
     np.testing.assert_allclose(lay(False, o_b[0]), o_t[0], rtol=1e-13, atol=1e-14)
     for a, b in zip(jax.tree.leaves(o_b[1]), jax.tree.leaves(o_t[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+    assert g_b[1].shape == (B, T, D)
     np.testing.assert_allclose(lay(False, g_b[1]), g_t[1], rtol=1e-12, atol=1e-13)
     for a, b in zip(jax.tree.leaves((g_b[0], g_b[2])), jax.tree.leaves((g_t[0], g_t[2])), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
     for a, b in zip(jax.tree.leaves(tr_b), jax.tree.leaves(tr_t), strict=True):
+        assert a.shape[:2] == (B, T)
         np.testing.assert_allclose(lay(False, a), b, rtol=1e-13, atol=1e-14)
 
 
