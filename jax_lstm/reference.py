@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jax_lstm.cell import (
     LSTMParams,
@@ -75,6 +76,30 @@ def _check_length_values(seq_lengths, T: int) -> None:
         )
 
 
+def _onto_mesh_of(xs, params, state0):
+    """Weights and state that are on no mesh, placed on the Explicit-axis mesh ``xs`` is sharded on.
+
+    With batch-sharded inputs on such a mesh every contraction over the batch
+    (a weight's gradient) must know where its result lives, and a loop carry
+    must keep one sharding: unplaced weights are taken as replicated (as a
+    data-parallel step has them) and an unplaced state is split over the batch
+    as ``xs`` is.
+    """
+    sharding = jax.typeof(xs).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+        return params, state0
+    batch_spec = tuple(sharding.spec)[1] if len(tuple(sharding.spec)) > 1 else None
+
+    def place(a, spec):
+        on = getattr(jax.typeof(a).sharding, "mesh", None)
+        return jax.sharding.reshard(a, NamedSharding(mesh, spec)) if on is None or on.empty else a
+
+    params = jax.tree.map(lambda a: place(a, PartitionSpec()), params)
+    state0 = jax.tree.map(lambda a: place(a, PartitionSpec(batch_spec, None)), state0)
+    return params, state0
+
+
 def prepare(
     params,
     xs,
@@ -123,6 +148,7 @@ def prepare(
     if rate > 0.0:
         kept = jax.random.bernoulli(key, 1.0 - rate, (B, H))
         keep = jnp.where(kept, jnp.asarray(1.0 / (1.0 - rate), acc), jnp.zeros((), acc))
+    params, state0 = _onto_mesh_of(xs, params, state0)
     # Inside shard_map the state is a loop carry: it must vary over every axis its updates vary over.
     axes = varying_axes(*params, xs, *state0, mask, resets, keep)
     state0 = LSTMState(*(make_varying(a, axes) for a in state0))
