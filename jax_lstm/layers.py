@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_lstm.bptt import lstm
-from jax_lstm.cell import LSTMParams, LSTMState, init_params
+from jax_lstm.cell import LSTMParams, LSTMState, check_recurrent_dropout, check_step_flags, init_params
 from jax_lstm.reference import LSTMTrace, lstm_ref, lstm_trace
 
 __all__ = [
@@ -187,14 +187,19 @@ def _check_states0(states0, sizes, B) -> None:
                     )
 
 
-def _check_xs(xs, D0, seq_lengths):
+def _check_xs(xs, D0, seq_lengths, mask=None, resets=None, time_major=True):
+    layout = "(T, B, D)" if time_major else "(B, T, D)"
     if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
-        raise TypeError(f"xs must be an array of shape (T, B, D), got {type(xs).__name__}")
+        raise TypeError(f"xs must be an array of shape {layout}, got {type(xs).__name__}")
     if xs.ndim != 3 or xs.shape[2] != D0:
+        want, major = (f"(T, B, {D0})", "time-major") if time_major else (f"(B, T, {D0})", "batch-major")
         raise ValueError(
-            f"xs has shape {tuple(xs.shape)}, expected (T, B, {D0}): time-major, last axis matching params[0][0].U"
+            f"xs has shape {tuple(xs.shape)}, expected {want}: {major}, last axis matching params[0][0].U"
         )
-    B = xs.shape[1]
+    T, B = xs.shape[:2] if time_major else xs.shape[1::-1]
+    for name, a in (("mask", mask), ("resets", resets)):
+        if a is not None:
+            check_step_flags(name, a, T, B, time_major)
     if seq_lengths is not None:
         shape = getattr(seq_lengths, "shape", None)
         if shape is None or tuple(shape) != (B,):
@@ -221,10 +226,14 @@ def lstm_stack(
     states0=None,
     *,
     seq_lengths: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    resets: jax.Array | None = None,
     dropout: float = 0.0,
+    recurrent_dropout: float = 0.0,
     key: jax.Array | None = None,
     unroll: int = 1,
     impl: str = "manual",
+    time_major: bool = True,
 ) -> tuple[jax.Array, StackState]:
     """Run a stack of (optionally bidirectional) LSTM layers over a sequence.
 
@@ -235,26 +244,38 @@ def lstm_stack(
     Args:
       params: ``StackParams`` as ``init_stack`` returns: per layer a tuple of
         ``LSTMParams``, (forward,) or (forward, reverse).
-      xs: (T, B, D_0) inputs, time-major.
+      xs: (T, B, D_0) inputs, time-major; (B, T, D_0) with ``time_major=False``.
       states0: initial states, ``StackState`` with h, c: (B, H_l) per layer and
         direction; None (or None for a layer or a direction) means zeros.
       seq_lengths: optional (B,) integer lengths shared by every layer and
         direction. Steps t >= seq_lengths[b] are padding: zero output,
         unchanged state; reverse directions start at step seq_lengths[b] - 1.
+      mask: optional (T, B) bool ((B, T) batch-major), shared by every layer and
+        direction: a False step is skipped (see ``lstm``).
+      resets: optional (T, B) bool ((B, T) batch-major), shared by every layer
+        and direction: each resets to its own initial state just before
+        visiting a step where it is True (see ``lstm``).
       dropout: probability of zeroing an element of a layer's output before it
         enters the next layer (inverted dropout: kept elements are scaled by
         1 / (1 - dropout)); never applied to the last layer's output. A Python
         float in [0, 1); pass 0.0 at evaluation.
-      key: PRNG key for the dropout masks; required when dropout > 0. The
-        mask after layer l is ``bernoulli(split(key, L - 1)[l], 1 - dropout)``,
-        one independent draw per element of the (T, B, D_{l+1}) output.
+      recurrent_dropout: rate of variational dropout on h_{t-1} in every layer
+        and direction (see ``lstm``); a Python float in [0, 1).
+      key: PRNG key for the dropout masks; required when either rate is > 0.
+        The mask after layer l is ``bernoulli(split(key, L - 1)[l], 1 - dropout)``,
+        one independent draw per element of the (T, B, D_{l+1}) output; layer
+        l, direction k (0 forward, 1 reverse) draws its recurrent-dropout mask
+        with ``key=fold_in(fold_in(key, l), k)``.
       unroll: passed to every ``lax.scan``.
       impl: "manual" (``lstm``, hand-written BPTT) or "ref" (``lstm_ref``,
         autodiff through ``lax.scan``).
+      time_major: False for batch-major ``xs``, ``hs``, ``mask`` and ``resets``.
+        The stack transposes once on the way in and once on the way out.
 
     Returns:
       ``(hs, final_states)``: hs: (T, B, H_L) from the last layer, or
-      (T, B, 2 H_L) if it is bidirectional (forward half first); final_states
+      (T, B, 2 H_L) if it is bidirectional (forward half first), batch-major
+      with ``time_major=False``; final_states
       is a ``StackState``, h, c: (B, H_l) per layer and direction. The final
       state of a reverse direction is its state after step 0.
 
@@ -266,8 +287,9 @@ def lstm_stack(
         raise ValueError(f"impl must be one of {sorted(_IMPLS)}, got {impl!r}")
     fn = _IMPLS[impl]
     D0, sizes = stack_sizes(params)
-    B = _check_xs(xs, D0, seq_lengths)
+    B = _check_xs(xs, D0, seq_lengths, mask, resets, time_major)
     _check_states0(states0, sizes, B)
+    rec_rate = check_recurrent_dropout(recurrent_dropout, key)
     if isinstance(dropout, bool) or not isinstance(dropout, (float, int, np.floating, np.integer)):
         raise TypeError(f"dropout must be a Python float in [0, 1), got {type(dropout).__name__}")
     if not 0.0 <= float(dropout) < 1.0:
@@ -277,8 +299,9 @@ def lstm_stack(
     if dropout > 0.0 and key is None:
         raise ValueError(f"dropout={dropout} needs a PRNG key: pass key=jax.random.PRNGKey(...) (or dropout=0.0)")
     keys = jax.random.split(key, len(params) - 1) if use_dropout else None
+    x, mask, resets = _time_major(xs, mask, resets, time_major)
 
-    x, finals = xs, []
+    finals = []
     for l, layer in enumerate(params):
         layer_state0 = states0[l] if states0 is not None and states0[l] is not None else (None,) * len(layer)
         outs, states = [], []
@@ -290,6 +313,10 @@ def lstm_stack(
                 x,
                 layer_state0[k],
                 seq_lengths=seq_lengths,
+                mask=mask,
+                resets=resets,
+                recurrent_dropout=rec_rate,
+                key=jax.random.fold_in(jax.random.fold_in(key, l), k) if rec_rate > 0.0 else None,
                 reverse=k == 1,
                 unroll=unroll,
             )
@@ -300,10 +327,20 @@ def lstm_stack(
         if use_dropout and l < len(params) - 1:
             keep = jax.random.bernoulli(keys[l], 1.0 - dropout, x.shape)
             x = jnp.where(keep, x / jnp.asarray(1.0 - dropout, x.dtype), jnp.zeros_like(x))
-    return x, tuple(finals)
+    return (x if time_major else jnp.swapaxes(x, 0, 1)), tuple(finals)
 
 
-def gate_trace_stack(params, xs: jax.Array, states0=None, *, seq_lengths=None) -> tuple[tuple[LSTMTrace, ...], ...]:
+def _time_major(xs, mask, resets, time_major):
+    """xs, mask and resets in time-major layout (one transpose each for batch-major input)."""
+    if time_major:
+        return xs, mask, resets
+    flip = lambda a: None if a is None else jnp.swapaxes(a, 0, 1)  # noqa: E731
+    return flip(xs), flip(mask), flip(resets)
+
+
+def gate_trace_stack(
+    params, xs: jax.Array, states0=None, *, seq_lengths=None, mask=None, resets=None, time_major: bool = True
+) -> tuple[tuple[LSTMTrace, ...], ...]:
     """Gate inspection for a whole stack, without dropout (evaluation mode).
 
     Each layer and direction is traced with ``lstm_trace``; the next layer's
@@ -312,19 +349,23 @@ def gate_trace_stack(params, xs: jax.Array, states0=None, *, seq_lengths=None) -
 
     Args:
       params: ``StackParams``.
-      xs: (T, B, D_0) inputs, time-major.
+      xs: (T, B, D_0) inputs, time-major; (B, T, D_0) with ``time_major=False``.
       states0: ``StackState`` or None, as in ``lstm_stack``.
       seq_lengths: optional (B,) integer lengths.
+      mask, resets: optional (T, B) bool, as in ``lstm_stack``.
+      time_major: False for batch-major ``xs``, ``mask``, ``resets`` and traces.
 
     Returns:
       Per layer a tuple with one ``LSTMTrace`` per direction; each of its
-      fields f, i, g, o, c, h is (T, B, H_l), zero at padded steps. The last
-      layer's ``h`` (concatenated over directions) equals ``lstm_stack``'s hs.
+      fields f, i, g, o, c, h is (T, B, H_l) ((B, T, H_l) batch-major), zero at
+      skipped steps. The last layer's ``h`` (concatenated over directions)
+      equals ``lstm_stack``'s hs.
     """
     D0, sizes = stack_sizes(params)
-    B = _check_xs(xs, D0, seq_lengths)
+    B = _check_xs(xs, D0, seq_lengths, mask, resets, time_major)
     _check_states0(states0, sizes, B)
-    x, traces = xs, []
+    x, mask, resets = _time_major(xs, mask, resets, time_major)
+    traces = []
     for l, layer in enumerate(params):
         layer_state0 = states0[l] if states0 is not None and states0[l] is not None else (None,) * len(layer)
         layer_traces = tuple(
@@ -335,6 +376,8 @@ def gate_trace_stack(params, xs: jax.Array, states0=None, *, seq_lengths=None) -
                 x,
                 layer_state0[k],
                 seq_lengths=seq_lengths,
+                mask=mask,
+                resets=resets,
                 reverse=k == 1,
             )
             for k, p in enumerate(layer)
@@ -342,4 +385,6 @@ def gate_trace_stack(params, xs: jax.Array, states0=None, *, seq_lengths=None) -
         traces.append(layer_traces)
         dtype = jnp.result_type(*layer[0], x)
         x = jnp.concatenate([t.h for t in layer_traces], axis=-1).astype(dtype)
+    if not time_major:
+        traces = [tuple(LSTMTrace(*(jnp.swapaxes(v, 0, 1) for v in t)) for t in layer) for layer in traces]
     return tuple(traces)
