@@ -135,25 +135,31 @@ def main(selected: list[str]) -> None:  # noqa: C901 (one flat list of cases)
 
         specs = (P(), spec_tb, spec_bt, spec_tb, spec_tb, spec_b)
         out_specs = (spec_tb, spec_bt)
+        put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
+        p_in, x_in = jax.tree.map(lambda a: put(a, P()), p), put(xs, spec_tb)
+        s_in = jax.tree.map(lambda a: put(a, spec_bt), s_in)
+        rest_in = (put(mask, spec_tb), put(resets, spec_tb), put(lengths, spec_b))
         if outer:
             sm = jax.shard_map(local_out, mesh=mesh, in_specs=specs, out_specs=out_specs)
 
             def whole(p_, x_, s_):
-                out = sm(p_, x_, s_, mask, resets, lengths)
-                return out, loss(out, ct)
+                out = sm(p_, x_, s_, *rest_in)
+                return loss(out, ct), out
 
-            (out, _), g = jax.jit(jax.value_and_grad(whole, argnums=(0, 1, 2), has_aux=True))(p, xs, s_in)
+            (_, out), g = jax.jit(jax.value_and_grad(whole, argnums=(0, 1, 2), has_aux=True))(p_in, x_in, s_in)
         else:
 
             def local(p_, x_, s_, m_, r_, n_, ct_):
+                # the params enter unvarying, so their gradient comes out summed over the devices already
                 out = local_out(p_, x_, s_, m_, r_, n_)
                 g = jax.grad(lambda a, b, c: loss(local_out(a, b, c, m_, r_, n_), ct_), argnums=(0, 1, 2))(p_, x_, s_)
-                return out, (jax.lax.psum(g[0], "data"), g[1], g[2])
+                return out, g
 
             sm = jax.shard_map(
                 local, mesh=mesh, in_specs=(*specs, (spec_tb, spec_bt)), out_specs=(out_specs, (P(), spec_tb, spec_bt))
             )
-            out, g = jax.jit(sm)(p, xs, s_in, mask, resets, lengths, ct)
+            ct_in = (put(ct[0], spec_tb), jax.tree.map(lambda a: put(a, spec_bt), ct[1]))
+            out, g = jax.jit(sm)(p_in, x_in, s_in, *rest_in, ct_in)
         if not with_state:
             g = (g[0], g[1], None)
         return max(max_rel(out, out_r), max_rel(g, g_r))
@@ -178,14 +184,14 @@ def main(selected: list[str]) -> None:  # noqa: C901 (one flat list of cases)
             if "key" in kw:
                 kw["key"] = k_
             out = f(p_, x_, s_, time_major=tm, **kw)
-            return out, loss(out, ct_)
+            return loss(out, ct_), out
 
         run = jax.jit(jax.value_and_grad(whole, argnums=(0, 1, 2), has_aux=True))
         if set_mesh:
             with jax.set_mesh(mesh):
-                (out, _), g = run(p_in, x_in, s_in, m_in, r_in, n_in, k_in, ct_in)
+                (_, out), g = run(p_in, x_in, s_in, m_in, r_in, n_in, k_in, ct_in)
         else:
-            (out, _), g = run(p_in, x_in, s_in, m_in, r_in, n_in, k_in, ct_in)
+            (_, out), g = run(p_in, x_in, s_in, m_in, r_in, n_in, k_in, ct_in)
         out = (swap(out[0]), out[1])
         g = (g[0], swap(g[1]), g[2])
         return max(max_rel(out, out_r), max_rel(g, g_r))
@@ -195,15 +201,13 @@ def main(selected: list[str]) -> None:  # noqa: C901 (one flat list of cases)
         opt = optax.adam(0.05)
         w_out = jnp.asarray(rng.normal(size=(H, 1)))
         n_steps = 3
-        batches = [
-            {
-                "x": np.asarray(rng.normal(size=(B, T, D))),
-                "y": np.asarray(rng.normal(size=(B, T, 1))),
-                "mask": np.asarray(rng.random((B, T)) < 0.8),
-                "resets": np.asarray(rng.random((B, T)) < 0.2),
-            }
-            for _ in range(n_steps)
-        ]
+        batch = {
+            "x": np.asarray(rng.normal(size=(B, T, D))),
+            "y": np.asarray(rng.normal(size=(B, T, 1))),
+            "mask": np.asarray(rng.random((B, T)) < 0.8),
+            "resets": np.asarray(rng.random((B, T)) < 0.2),
+        }
+        batches = [batch] * n_steps
 
         def step(p, opt_state, batch):
             def f(p_):
