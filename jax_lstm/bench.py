@@ -64,6 +64,10 @@ __all__ = [
     "bench_shape",
     "summarize",
     "plot",
+    "ModelVariant",
+    "model_variants",
+    "bench_models",
+    "render_models_table",
     "main",
 ]
 
@@ -549,6 +553,317 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- model-level rows (--models)
+#
+# The train step of a small model, features -> LSTM -> dense, with an optax Adam update, built with each
+# library's own LSTM and with jax_lstm's module for that library:
+#   nnx:     nnx.RNN(nnx.OptimizedLSTMCell)        vs jax_lstm.nnx.LSTM
+#   linen:   nn.RNN(nn.OptimizedLSTMCell)          vs jax_lstm.linen.LSTM
+#   equinox: jax.vmap over a lax.scan of eqx.nn.LSTMCell  vs jax.vmap over jax_lstm.eqx.LSTM
+# Inputs are batch-major (B, T, D), the libraries' default; float32.
+
+MODEL_LIBRARIES = ("nnx", "linen", "equinox")
+MODEL_TARGETS = {"speedup": 1.5, "memory_ratio": 0.6}  # geo-means: ours >= 1.5x faster, <= 0.6x temp memory
+
+
+@dataclasses.dataclass
+class ModelVariant:
+    """One compiled model train step, ready to time."""
+
+    library: str  # "nnx", "linen" or "equinox"
+    impl: str  # "theirs" (the library's LSTM) or "ours" (jax_lstm's module)
+    train: Callable[[], Any]
+    compile_s: float
+    temp_bytes: int | None
+
+
+def _model_problem(shape: Shape, seed: int):
+    T, B, D, H = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    y = rng.standard_normal((B, T, 1)).astype(np.float32)
+    return jax.device_put((x, y))
+
+
+def _compile_step(library: str, impl: str, loss: Callable, params, x, y, rest=None) -> ModelVariant:
+    """Compile ``params, opt_state, rest, x, y -> (params, opt_state, loss)``: gradients and an Adam update.
+
+    ``loss(params, rest, x, y) -> (value, grads)`` if it has ``value_and_grad`` set to True as an attribute,
+    else the loss value (differentiated here with respect to ``params``); ``rest`` is state that is not
+    differentiated (nnx rng counters).
+    """
+    import optax
+
+    tx = optax.adam(1e-3)
+    opt_state = tx.init(params)
+
+    value_and_grad = loss if getattr(loss, "value_and_grad", False) else jax.value_and_grad(loss)
+
+    def step(params, opt_state, rest, x, y):
+        value, grads = value_and_grad(params, rest, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(step).lower(params, opt_state, rest, x, y).compile()
+    compile_s = time.perf_counter() - t0
+    return ModelVariant(
+        library, impl, lambda: _block(compiled(params, opt_state, rest, x, y)), compile_s, temp_bytes(compiled)
+    )
+
+
+def _nnx_variants(shape: Shape, seed: int) -> list[ModelVariant]:
+    from flax import nnx
+
+    from jax_lstm.nnx import LSTM
+
+    T, B, D, H = shape
+    x, y = _model_problem(shape, seed)
+
+    class Model(nnx.Module):
+        def __init__(self, ours: bool, rngs: nnx.Rngs):
+            self.lstm = LSTM(D, H, rngs=rngs) if ours else nnx.RNN(nnx.OptimizedLSTMCell(D, H, rngs=rngs))
+            self.head = nnx.Linear(H, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.lstm(x))
+
+    out = []
+    for impl in ("theirs", "ours"):
+        graphdef, params, rest = nnx.split(Model(impl == "ours", nnx.Rngs(seed)), nnx.Param, ...)
+
+        def loss(p, rest, x, y, graphdef=graphdef):  # as nnx does it: merge, then nnx.value_and_grad
+            model = nnx.merge(graphdef, p, rest)
+            return nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+
+        loss.value_and_grad = True
+
+        out.append(_compile_step("nnx", impl, loss, params, x, y, rest))
+    return out
+
+
+def _linen_variants(shape: Shape, seed: int) -> list[ModelVariant]:
+    import flax.linen as nn
+
+    from jax_lstm.linen import LSTM
+
+    T, B, D, H = shape
+    x, y = _model_problem(shape, seed)
+
+    class Model(nn.Module):
+        ours: bool
+
+        @nn.compact
+        def __call__(self, x):
+            h = LSTM(H)(x) if self.ours else nn.RNN(nn.OptimizedLSTMCell(H))(x)
+            return nn.Dense(1)(h)
+
+    out = []
+    for impl in ("theirs", "ours"):
+        model = Model(impl == "ours")
+        params = model.init(jax.random.PRNGKey(seed), x)
+
+        def loss(p, _, x, y, model=model):
+            return jnp.mean((model.apply(p, x) - y) ** 2)
+
+        out.append(_compile_step("linen", impl, loss, params, x, y))
+    return out
+
+
+def _equinox_variants(shape: Shape, seed: int) -> list[ModelVariant]:
+    import equinox as eqx
+
+    from jax_lstm.eqx import LSTM
+
+    T, B, D, H = shape
+    x, y = _model_problem(shape, seed)
+    k_lstm, k_head = jax.random.split(jax.random.PRNGKey(seed))
+
+    class Scanned(eqx.Module):  # the Equinox idiom: a lax.scan over the cell, one example
+        cell: eqx.nn.LSTMCell
+
+        def __call__(self, xs):
+            def step(state, x_t):
+                state = self.cell(x_t, state)
+                return state, state[0]
+
+            zeros = jnp.zeros((H,), xs.dtype)
+            return jax.lax.scan(step, (zeros, zeros), xs)[1]
+
+    class Ours(eqx.Module):
+        lstm: LSTM
+
+        def __call__(self, xs):
+            return self.lstm(xs)[0]
+
+    class Model(eqx.Module):
+        lstm: eqx.Module
+        head: eqx.nn.Linear
+
+        def __call__(self, xs):  # (T, D) -> (T, 1)
+            return jax.vmap(self.head)(self.lstm(xs))
+
+    head = eqx.nn.Linear(H, 1, key=k_head, dtype=jnp.float32)
+    models = {
+        "theirs": Model(Scanned(eqx.nn.LSTMCell(D, H, key=k_lstm, dtype=jnp.float32)), head),
+        "ours": Model(Ours(LSTM(D, H, key=k_lstm, dtype=jnp.float32)), head),
+    }
+    out = []
+    for impl, model in models.items():
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+
+        def loss(p, _, x, y, static=static):
+            return jnp.mean((jax.vmap(eqx.combine(p, static))(x) - y) ** 2)
+
+        out.append(_compile_step("equinox", impl, loss, params, x, y))
+    return out
+
+
+_MODEL_BUILDERS = {"nnx": _nnx_variants, "linen": _linen_variants, "equinox": _equinox_variants}
+
+
+def model_variants(shape: Shape, libraries: Sequence[str] = MODEL_LIBRARIES, seed: int = 0) -> list[ModelVariant]:
+    """The compiled train steps (theirs and ours) of every library in ``libraries`` that is importable."""
+    out = []
+    for lib in libraries:
+        try:
+            out += _MODEL_BUILDERS[lib](shape, seed)
+        except ImportError as e:
+            print(f"models: {lib} left out ({e})", file=sys.stderr)
+    return out
+
+
+def bench_models_shape(
+    variants: Sequence[ModelVariant], *, warmup: int = 2, reps: int | None = None, seconds: float = 30.0
+) -> list[dict]:
+    """Median train-step time of every variant, interleaved as in ``bench_shape`` (shuffled, each timed call
+    preceded by an untimed one), plus compile time and temp memory; one record per library."""
+    for _ in range(max(warmup, 1)):
+        t0 = time.perf_counter()
+        for v in variants:
+            v.train()
+        t_round = time.perf_counter() - t0
+    if reps is None:
+        reps = int(min(50, max(5, seconds // max(2 * t_round, 1e-9))))
+    times: dict[tuple[str, str], list[float]] = {(v.library, v.impl): [] for v in variants}
+    rng = random.Random(0)
+    order = list(variants)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for v in order:
+            v.train()
+            times[(v.library, v.impl)].append(_time(v.train))
+    records = []
+    for lib in dict.fromkeys(v.library for v in variants):
+        by_impl = {v.impl: v for v in variants if v.library == lib}
+        if set(by_impl) != {"theirs", "ours"}:
+            continue
+        rec: dict[str, Any] = dict(library=lib, reps=reps)
+        for impl, v in by_impl.items():
+            rec[f"{impl}_ms"] = 1e3 * statistics.median(times[(lib, impl)])
+            rec[f"{impl}_compile_s"] = v.compile_s
+            rec[f"{impl}_temp_bytes"] = v.temp_bytes
+        rec["speedup"] = rec["theirs_ms"] / rec["ours_ms"]
+        t, o = rec["theirs_temp_bytes"], rec["ours_temp_bytes"]
+        rec["memory_ratio"] = o / t if t and o else None
+        records.append(rec)
+    return records
+
+
+def bench_models(
+    shapes: Sequence[Shape],
+    *,
+    libraries: Sequence[str] = MODEL_LIBRARIES,
+    warmup: int = 2,
+    reps: int | None = None,
+    seconds: float = 30.0,
+) -> dict:
+    """Model-level rows at every shape, their geometric means per library and the status of the targets."""
+    results = []
+    for shape in shapes:
+        records = bench_models_shape(model_variants(shape, libraries), warmup=warmup, reps=reps, seconds=seconds)
+        results.append(dict(shape=list(shape), records=records))
+        line = ", ".join(f"{r['library']} {r['theirs_ms']:.1f} -> {r['ours_ms']:.1f} ms" for r in records)
+        print(f"models {shape}: {line}", file=sys.stderr)
+    geomean = {}
+    for lib in libraries:
+        recs = [r for res in results for r in res["records"] if r["library"] == lib]
+        if recs:
+            geomean[lib] = dict(
+                speedup=_geomean([r["speedup"] for r in recs]),
+                memory_ratio=_geomean([r["memory_ratio"] for r in recs]),
+            )
+    targets = {
+        lib: dict(
+            speedup_met=g["speedup"] >= MODEL_TARGETS["speedup"],
+            memory_met=None if g["memory_ratio"] is None else g["memory_ratio"] <= MODEL_TARGETS["memory_ratio"],
+        )
+        for lib, g in geomean.items()
+    }
+    return dict(results=results, geomean=geomean, targets=targets, model_targets=dict(MODEL_TARGETS))
+
+
+_THEIRS = {
+    "nnx": "nnx.RNN(OptimizedLSTMCell)",
+    "linen": "nn.RNN(OptimizedLSTMCell)",
+    "equinox": "vmap(scan(eqx LSTMCell))",
+}
+
+
+def render_models_table(report: dict) -> str:
+    """The stdout table of ``--models``."""
+    mib = lambda b: _fmt(b and b / 2**20, ".2f")  # noqa: E731
+    lines = [
+        "model train step: features (B, T, D) -> LSTM(H) -> dense, optax Adam, float32; median ms",
+        "",
+        f"{'T,B,D,H':<18} {'library':<8} {'theirs':<27} {'theirs ms':>10} {'ours ms':>9} {'speed-up':>9} "
+        f"{'temp MiB theirs / ours':>23} {'ratio':>6} {'compile s theirs / ours':>24}",
+    ]
+    for res in report["results"]:
+        for r in res["records"]:
+            lines.append(
+                f"{','.join(map(str, res['shape'])):<18} {r['library']:<8} {_THEIRS[r['library']]:<27} "
+                f"{r['theirs_ms']:10.2f} {r['ours_ms']:9.2f} {r['speedup']:9.2f} "
+                f"{mib(r['theirs_temp_bytes']) + ' / ' + mib(r['ours_temp_bytes']):>23} "
+                f"{_fmt(r['memory_ratio'], '6.2f'):>6} "
+                f"{format(r['theirs_compile_s'], '.2f') + ' / ' + format(r['ours_compile_s'], '.2f'):>24}"
+            )
+    t = report["model_targets"]
+    lines += ["", f"geometric means (targets: speed-up >= {t['speedup']}, temp memory ratio <= {t['memory_ratio']}):"]
+    for lib, g in report["geomean"].items():
+        met = report["targets"][lib]
+        status = lambda m: "n/a" if m is None else ("met" if m else "MISSED")  # noqa: E731
+        lines.append(
+            f"  {lib:<8} speed-up {_fmt(g['speedup'], '.2f')} ({status(met['speedup_met'])}), "
+            f"temp memory {_fmt(g['memory_ratio'], '.2f')} ({status(met['memory_met'])})"
+        )
+    return "\n".join(lines)
+
+
+def _models_main(args, argv) -> int:
+    """``jax-lstm bench --models``: only the model-level rows."""
+    if args.quick:
+        shapes, reps, warmup = list(args.shape or QUICK_SHAPES), args.reps or 3, 1
+    else:
+        shapes = list(args.shape or []) if args.only_shapes else list(DEFAULT_SHAPES) + list(args.shape or [])
+        reps, warmup = args.reps, args.warmup
+    if not shapes:
+        raise SystemExit("jax-lstm bench: error: no shapes: --only-shapes needs at least one --shape")
+    t_start = time.perf_counter()
+    report = bench_models(shapes, warmup=warmup, reps=reps, seconds=args.seconds)
+    report.update(
+        machine=_machine(),
+        command="jax-lstm bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        wall_s=time.perf_counter() - t_start,
+    )
+    print(render_models_table(report))
+    print(f"\n(total {report['wall_s']:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
 def _shape(s: str) -> Shape:
     try:
         t = tuple(int(v) for v in s.split(","))
@@ -617,7 +932,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", action="store_true", help=f"skip the temp-memory comparison at {MEMORY_SHAPE}")
     ap.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     ap.add_argument("--plot", metavar="FILE", help="write a PNG chart")
+    ap.add_argument(
+        "--models",
+        action="store_true",
+        help="instead: the train step of features -> LSTM -> dense with the Flax NNX, Flax Linen and Equinox "
+        "LSTMs against jax_lstm's modules for them",
+    )
     args = ap.parse_args(argv)
+    if args.models:
+        return _models_main(args, argv)
 
     if args.quick:
         shapes = list(args.shape or QUICK_SHAPES)
