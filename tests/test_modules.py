@@ -572,3 +572,18 @@ def test_modules_name_their_extra_when_the_library_is_missing():
         "jax_lstm.linen | jax_lstm.linen needs flax: pip install 'jax_lstm[flax]'",
         "jax_lstm.eqx | jax_lstm.eqx needs equinox: pip install 'jax_lstm[equinox]'",
     ]
+
+
+def test_model_benchmark_rows(nn):
+    from jax_lstm import bench
+
+    report = bench.bench_models([(4, 2, 3, 4)], libraries=("linen",), warmup=1, reps=2)
+    (result,) = report["results"]
+    (rec,) = result["records"]
+    assert rec["library"] == "linen" and rec["reps"] == 2
+    assert rec["theirs_ms"] > 0 and rec["ours_ms"] > 0
+    assert rec["speedup"] == pytest.approx(rec["theirs_ms"] / rec["ours_ms"])
+    assert rec["memory_ratio"] == pytest.approx(rec["ours_temp_bytes"] / rec["theirs_temp_bytes"])
+    assert report["geomean"]["linen"]["speedup"] == pytest.approx(rec["speedup"])
+    table = bench.render_models_table(report)
+    assert "nn.RNN(OptimizedLSTMCell)" in table and "geometric means" in table
