@@ -32,6 +32,7 @@ import struct
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -277,13 +278,15 @@ def load(path: str | os.PathLike) -> tuple[dict, list[np.ndarray]]:
     return header, arrays
 
 
-def restore(path: str | os.PathLike, template) -> tuple[Any, dict]:
+def restore(path: str | os.PathLike, template, *, rename: Callable[[str], str] | None = None) -> tuple[Any, dict]:
     """Load a checkpoint into the structure of ``template``.
 
     Args:
       path: the checkpoint file.
       template: a pytree with the structure, shapes and dtypes expected (e.g. a
         freshly initialised train state of the same configuration).
+      rename: maps a saved leaf's path to the template's path for the same
+        leaf (reading files written with an older layout); None keeps them.
 
     Returns:
       ``(tree, header)``: the saved leaves as jax arrays in ``template``'s structure.
@@ -296,6 +299,8 @@ def restore(path: str | os.PathLike, template) -> tuple[Any, dict]:
     header, arrays = load(path)
     names, leaves, treedef = _paths(template)
     saved = header["leaves"]
+    if rename is not None:
+        saved = [{**e, "path": rename(e["path"])} for e in saved]
     problems = []
     if [e["path"] for e in saved] != names:
         only_saved = [e["path"] for e in saved if e["path"] not in set(names)]

@@ -101,6 +101,12 @@ def _rate(text: str) -> float:
     return v
 
 
+def _hidden(text: str) -> int | tuple[int, ...]:
+    """``256`` (one layer) or ``256,128`` (one size per layer, bottom first)."""
+    sizes = [_positive_int(part.strip()) for part in text.split(",")]
+    return sizes[0] if len(sizes) == 1 else tuple(sizes)
+
+
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
     """Parse, turning argparse's exit into a return code (2 for errors, 0 for --help)."""
     try:
@@ -142,7 +148,17 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="FILE", help="JSON-lines log (default DIR/metrics.jsonl)")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--seq-len", type=_positive_int, help="window length (charlm) or sequence length (sine)")
-    p.add_argument("--hidden", type=_positive_int, help="LSTM hidden size H")
+    p.add_argument(
+        "--hidden",
+        type=_hidden,
+        metavar="H[,H...]",
+        help="LSTM hidden sizes: 256 is one layer, 256,256 a stack of two (bottom first)",
+    )
+    p.add_argument(
+        "--bidirectional",
+        action=argparse.BooleanOptionalAction,
+        help="every layer also runs backwards (addition only: refused where the targets are later inputs)",
+    )
     p.add_argument("--embed", type=_positive_int, help="embedding size (charlm)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default adam")
     p.add_argument("--lr", type=_positive_float, help="peak learning rate")
@@ -150,6 +166,13 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_nonneg_int, help="warm-up steps")
     p.add_argument("--clip", type=_nonneg_float, help="clip gradients to this global norm (0: off)")
     p.add_argument("--dropout", type=_rate, help="dropout rate on the LSTM outputs in training (charlm default 0.2)")
+    p.add_argument("--layer-dropout", type=_rate, help="dropout rate between stacked layers in training (default 0)")
+    p.add_argument(
+        "--recurrent-dropout",
+        type=_rate,
+        metavar="P",
+        help="variational dropout on every layer's h_{t-1} in training: one mask per sequence (default 0)",
+    )
     p.add_argument("--dtype", choices=DTYPES, help="default float32")
     p.add_argument("--log-every", type=_positive_int, help="evaluate, log and checkpoint every N steps")
     p.add_argument(
@@ -186,6 +209,9 @@ def main_train(argv: Sequence[str]) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         hidden=args.hidden,
+        bidirectional=args.bidirectional,
+        layer_dropout=args.layer_dropout,
+        recurrent_dropout=args.recurrent_dropout,
         embed=args.embed,
         optimizer=args.optimizer,
         lr=args.lr,

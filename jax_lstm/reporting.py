@@ -15,11 +15,21 @@ from typing import TYPE_CHECKING, TextIO
 
 from jax_lstm import checkpoint
 from jax_lstm.tasks import Task
+from jax_lstm.tasks.base import hidden_sizes
 
 if TYPE_CHECKING:
     from jax_lstm.train import TrainResult
 
-__all__ = ["Progress", "fmt", "fmt_time", "table", "summary_table", "plot_curves"]
+__all__ = [
+    "Progress",
+    "fmt",
+    "fmt_time",
+    "table",
+    "show_value",
+    "describe_model",
+    "summary_table",
+    "plot_curves",
+]
 
 
 def fmt_time(seconds: float) -> str:
@@ -100,6 +110,22 @@ class Progress:
             self.width = 0
 
 
+def show_value(value) -> str:
+    """A config value as it is written on the command line: ``256,256`` for a stack."""
+    return ",".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
+
+
+def describe_model(config) -> str:
+    """``LSTM 256,256 (bidirectional), layer dropout 0.2, recurrent dropout 0.1``."""
+    parts = [f"LSTM {show_value(hidden_sizes(config))}" + (" (bidirectional)" if config.bidirectional else "")]
+    for name, label in (("layer_dropout", "layer dropout"), ("recurrent_dropout", "recurrent dropout")):
+        if getattr(config, name):
+            parts.append(f"{label} {getattr(config, name):g}")
+    if config.dropout:
+        parts.append(f"output dropout {config.dropout:g}")
+    return ", ".join(parts)
+
+
 def table(rows: Sequence[tuple[str, str]]) -> str:
     """Two aligned columns between two rules."""
     w = max(len(k) for k, _ in rows)
@@ -119,9 +145,8 @@ def summary_table(result: TrainResult, task: Task, n_params: int) -> str:
         ),
         (
             "model",
-            f"LSTM H={cfg.hidden}"
+            describe_model(cfg)
             + (f", embedding {cfg.embed}" if cfg.task == "charlm" else "")
-            + (f", dropout {cfg.dropout:g}" if cfg.dropout else "")
             + f", {n_params:,} parameters, {cfg.dtype}, grad {cfg.grad}",
         ),
         ("steps", f"{result.state.step} of {cfg.steps} (batch {cfg.batch_size} x {cfg.seq_len})"),

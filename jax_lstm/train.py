@@ -45,10 +45,10 @@ import optax
 
 from jax_lstm import checkpoint, parallel
 from jax_lstm.bptt import lstm
-from jax_lstm.cell import LSTMState
 from jax_lstm.reference import lstm_ref
-from jax_lstm.reporting import Progress, fmt, plot_curves
+from jax_lstm.reporting import Progress, describe_model, fmt, plot_curves, show_value
 from jax_lstm.tasks import DEFAULT_TASK, TASKS, Task, get_task
+from jax_lstm.tasks.base import zero_carry
 
 __all__ = [
     "TrainConfig",
@@ -87,6 +87,9 @@ FIXED_FIELDS = (
     "clip",
     "dropout",
     "dtype",
+    "bidirectional",
+    "layer_dropout",
+    "recurrent_dropout",
 )
 # Fields a resumed run may change.
 RESUMABLE_FIELDS = ("steps", "grad", "log_every", "time_limit")
@@ -105,7 +108,10 @@ class TrainConfig:
       seed: seeds the parameters and the PRNG key of the data stream.
       batch_size: B, sequences per step.
       seq_len: T, steps per window (charlm) or sequence length.
-      hidden: H, LSTM hidden size.
+      hidden: the LSTM stack's hidden sizes: an int H is one layer, a tuple (H_0, H_1, ...) one layer
+        per entry, bottom first.
+      bidirectional: give every layer a reverse direction (refused for next-step prediction tasks,
+        whose targets a reverse direction would read).
       embed: embedding size (charlm); unused by tasks that feed features directly.
       optimizer: ``adam`` (default), ``adamw`` or ``sgd`` (momentum 0.9).
       lr: peak learning rate.
@@ -116,6 +122,9 @@ class TrainConfig:
         first run and is kept when the run is resumed with more steps.
       clip: clip gradients to this global norm (0 disables).
       dropout: dropout rate on the LSTM outputs during training (charlm); 0 disables.
+      layer_dropout: dropout rate between stacked layers during training; 0 disables.
+      recurrent_dropout: variational dropout rate on every layer's h_{t-1} during training (one mask
+        per sequence, the same at every step); 0 disables.
       dtype: ``float32`` or ``float64`` for params and activations.
       grad: ``manual`` (``lstm``, hand-written BPTT) or ``autodiff`` (``lstm_ref``).
       log_every: evaluate, log and checkpoint every this many steps (and at the end).
@@ -128,7 +137,8 @@ class TrainConfig:
     seed: int | None = None
     batch_size: int | None = None
     seq_len: int | None = None
-    hidden: int | None = None
+    hidden: int | tuple[int, ...] | None = None
+    bidirectional: bool | None = None
     embed: int | None = None
     optimizer: str | None = None
     lr: float | None = None
@@ -137,6 +147,8 @@ class TrainConfig:
     decay_steps: int | None = None
     clip: float | None = None
     dropout: float | None = None
+    layer_dropout: float | None = None
+    recurrent_dropout: float | None = None
     dtype: str | None = None
     grad: str | None = None
     log_every: int | None = None
@@ -155,10 +167,15 @@ class TrainConfig:
             "warmup": 0,
             "clip": 1.0,
             "dropout": 0.0,
+            "bidirectional": False,
+            "layer_dropout": 0.0,
+            "recurrent_dropout": 0.0,
         }
         for k, v in {**generic, **task.defaults}.items():
             if values.get(k) is None:
                 values[k] = v
+        if isinstance(values["hidden"], (list, tuple)):  # one size per layer; a single layer is an int
+            values["hidden"] = tuple(values["hidden"]) if len(values["hidden"]) != 1 else values["hidden"][0]
         if values["decay_steps"] is None:
             values["decay_steps"] = values["steps"]
         if values["log_every"] is None:
@@ -169,7 +186,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise ValueError naming the first bad field."""
-        for name in ("steps", "batch_size", "seq_len", "hidden", "decay_steps", "log_every"):
+        for name in ("steps", "batch_size", "seq_len", "decay_steps", "log_every"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -181,8 +198,17 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip >= 0):
             raise ValueError(f"clip must be a non-negative number, got {self.clip!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        sizes = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
+        if not sizes or not all(isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h >= 1 for h in sizes):
+            raise ValueError(
+                f"hidden must be a positive integer or a tuple of them, one per layer, got {self.hidden!r}"
+            )
+        for name in ("dropout", "layer_dropout", "recurrent_dropout"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1):
+                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        if not isinstance(self.bidirectional, bool):
+            raise ValueError(f"bidirectional must be True or False, got {self.bidirectional!r}")
         if self.time_limit is not None and not self.time_limit >= 0:
             raise ValueError(f"time_limit must be a non-negative number of seconds, got {self.time_limit!r}")
         for name, allowed in (
@@ -194,6 +220,11 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.bidirectional and get_task(self.task).causal:
+            raise ValueError(
+                f"--bidirectional is refused for {self.task}: it predicts the next step, and a reverse "
+                "direction would read the targets it is asked to predict"
+            )
         if self.task == "charlm" and self.embed < 1:
             raise ValueError(f"embed must be a positive integer for charlm, got {self.embed}")
         if self.dtype == "float64" and not jax.config.jax_enable_x64:
@@ -207,7 +238,7 @@ class TrainState(NamedTuple):
     params: Any
     opt_state: Any
     key: jax.Array  # (2,) uint32, the PRNG key of the data stream
-    carry: LSTMState | None  # h, c: (B, H) carried across windows, or None
+    carry: Any  # the stack's state carried across windows (h, c: (B, H_l) per layer and direction), or None
 
     def arrays(self) -> dict[str, Any]:
         return {"params": self.params, "opt_state": self.opt_state, "key": self.key, "carry": self.carry}
@@ -268,7 +299,9 @@ def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, C
     return opt, lambda step: float(schedule(step))
 
 
-def make_train_step(task: Task, optimizer: optax.GradientTransformation, lstm_fn=lstm) -> Callable:
+def make_train_step(
+    task: Task, optimizer: optax.GradientTransformation, lstm_fn=lstm, config: TrainConfig | None = None
+) -> Callable:
     """The pure train step ``(params, opt_state, batch[, healthy]) -> (params, opt_state, metrics)``.
 
     The step checks its own loss: when the loss or the gradient norm is not
@@ -282,6 +315,8 @@ def make_train_step(task: Task, optimizer: optax.GradientTransformation, lstm_fn
       task: gives the loss.
       optimizer: an optax transformation.
       lstm_fn: ``lstm`` (hand-written BPTT) or ``lstm_ref`` (autodiff).
+      config: gives the dropout rates inside the LSTM stack (``layer_dropout``,
+        ``recurrent_dropout``); None trains without them.
 
     Returns:
       A function to ``jax.jit`` (with ``donate_argnums=(0, 1)``) or to hand to
@@ -290,15 +325,15 @@ def make_train_step(task: Task, optimizer: optax.GradientTransformation, lstm_fn
     """
 
     def train_step(params, opt_state, batch, healthy=True):
-        (loss, aux), grads = jax.value_and_grad(lambda p: task.loss(p, batch, lstm_fn), has_aux=True)(params)
+        (loss, aux), grads = jax.value_and_grad(lambda p: task.loss(p, batch, lstm_fn, config), has_aux=True)(params)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.logical_and(healthy, jnp.isfinite(loss) & jnp.isfinite(grad_norm))
         keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
         params, opt_state = jax.tree.map(keep, (new_params, new_opt_state), (params, opt_state))
-        if "carry" in aux and "h0" in batch:
-            aux = {**aux, "carry": jax.tree.map(keep, aux["carry"], LSTMState(batch["h0"], batch["c0"]))}
+        if "carry" in aux and "carry" in batch:
+            aux = {**aux, "carry": jax.tree.map(keep, aux["carry"], batch["carry"])}
         return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "ok": ok, **aux}
 
     return train_step
@@ -308,10 +343,7 @@ def init_state(task: Task, config: TrainConfig, data, optimizer: optax.GradientT
     """Step 0: fresh params from ``config.seed``, optimizer state, PRNG key and a zero carry."""
     k_params, k_data = jax.random.split(jax.random.PRNGKey(int(config.seed)))
     params = task.init_params(k_params, config, data)
-    carry = None
-    if task.carries_state:
-        z = jnp.zeros((int(config.batch_size), int(config.hidden)), jnp.dtype(config.dtype))
-        carry = LSTMState(z, z)
+    carry = zero_carry(config, int(config.batch_size)) if task.carries_state else None
     return TrainState(0, params, optimizer.init(params), k_data, carry)
 
 
@@ -343,6 +375,12 @@ class LoadedRun(NamedTuple):
     state: TrainState
     header: dict
     optimizer: optax.GradientTransformation
+
+
+def _single_layer_path(path: str) -> str:
+    """A leaf path of a checkpoint written when the model was one ``LSTMParams`` (and the carry one
+    ``LSTMState``) as the path of the same leaf in a one-layer stack."""
+    return path.replace("['lstm'].", "['lstm'][0][0].").replace("['carry'].", "['carry'][0][0].")
 
 
 def enable_x64_if(dtype: str | None) -> None:
@@ -385,7 +423,8 @@ def load_run(path: str | os.PathLike, config: TrainConfig | None = None) -> Load
         )
     optimizer, _ = make_optimizer(config)
     template = init_state(task, config, data, optimizer)
-    arrays, header = checkpoint.restore(path, template.arrays())
+    one_layer = len(template.params["lstm"]) == 1 and len(template.params["lstm"][0]) == 1
+    arrays, header = checkpoint.restore(path, template.arrays(), rename=_single_layer_path if one_layer else None)
     step = header.get("meta", {}).get("step")
     if not isinstance(step, int) or step < 0:
         raise checkpoint.CheckpointError(f"checkpoint {path} has no valid step in its metadata (got {step!r})")
@@ -419,9 +458,9 @@ def _resume_config(config: TrainConfig, ckpt: Path) -> TrainConfig:
     except (ValueError, TypeError) as e:
         raise checkpoint.CheckpointError(f"checkpoint {ckpt} has an invalid config: {e}") from None
     conflicts = [
-        f"{name}={getattr(config, name)!r} (the checkpoint has {getattr(saved, name)!r})"
+        f"{flag_text(name, getattr(config, name))} (the checkpoint has {_saved_text(name, getattr(saved, name))})"
         for name in FIXED_FIELDS
-        if getattr(config, name) is not None and getattr(config, name) != getattr(saved, name)
+        if getattr(config, name) is not None and _normal(getattr(config, name)) != _normal(getattr(saved, name))
     ]
     if conflicts:
         raise ValueError(
@@ -431,6 +470,25 @@ def _resume_config(config: TrainConfig, ckpt: Path) -> TrainConfig:
         )
     changes = {name: getattr(config, name) for name in RESUMABLE_FIELDS if getattr(config, name) is not None}
     return dataclasses.replace(saved, **changes).resolved()
+
+
+def flag_text(name: str, value) -> str:
+    """``--hidden 256,256``, ``--bidirectional``: a config field as the flag that sets it."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {show_value(value)}"
+
+
+def _saved_text(name: str, value) -> str:
+    return flag_text(name, value) if isinstance(value, bool) else show_value(value)
+
+
+def _normal(value):
+    """hidden as a checkpoint's JSON holds it (a list) or as a config holds it (a tuple, or an int for one layer)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(value) if len(value) != 1 else value[0]
+    return value
 
 
 def _plan(config: TrainConfig, out_dir, resume, force: bool, metrics_path) -> _Plan:
@@ -668,7 +726,7 @@ def _next_batch(task: Task, data, config: TrainConfig, state: TrainState) -> tup
     key, sub = jax.random.split(state.key)
     batch = task.train_batch(data, config, state.step, sub)
     if task.carries_state:
-        batch = {**batch, "h0": state.carry.h, "c0": state.carry.c}
+        batch = {**batch, "carry": state.carry}
     return key, batch
 
 
@@ -756,7 +814,7 @@ def train(
     records = _earlier_records(plan.metrics_path, plan.state.step) if plan.resumed else []
     resumed_at = plan.state.step if plan.resumed else None
     files.start(_describe_run(config, task, info, n_params, baselines), records, resumed_at)
-    device = _device(make_train_step(task, plan.optimizer, lstm_fn), devices, int(config.batch_size), stream)
+    device = _device(make_train_step(task, plan.optimizer, lstm_fn, config), devices, int(config.batch_size), stream)
     clock = _Clock(plan.elapsed0)
     meta = {"info": info, "task": task.name, "baselines": baselines}
     log = _Logger(
@@ -856,7 +914,7 @@ def _describe_run(config: TrainConfig, task: Task, info: dict, n_params: int, ba
 
 def _start_line(config: TrainConfig, task: Task, n_params: int, baselines: dict, resumed_at: int | None) -> str:
     return (
-        f"{task.name}: {n_params:,} parameters, LSTM H={config.hidden}, batch {config.batch_size} x "
+        f"{task.name}: {n_params:,} parameters, {describe_model(config)}, batch {config.batch_size} x "
         f"{config.seq_len}, {config.optimizer} lr {config.lr:g} ({config.schedule}), grad {config.grad}, "
         f"{config.dtype}; baselines: "
         + (", ".join(f"{k} {fmt(v)}" for k, v in baselines.items()) or "none")

@@ -130,7 +130,7 @@ def test_resume_with_another_model_size_is_refused(charlm_run, tmp_path, capsys)
     before = _snapshot(out)
     assert main(["train", "--resume", "--out", str(out), "--steps", "20", "--hidden", "16"]) == 2
     err = capsys.readouterr().err
-    assert "cannot resume" in err and "hidden=16 (the checkpoint has 8)" in err
+    assert "cannot resume" in err and "--hidden 16 (the checkpoint has 8)" in err
     assert _snapshot(out) == before
 
 
@@ -147,7 +147,7 @@ def test_checkpoint_of_another_model_size_is_rejected(charlm_run, tmp_path, caps
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert "does not fit this model" in err
-        assert "['params']['lstm'].W has shape (8, 32) in the checkpoint, (16, 64) in this model" in err
+        assert "['params']['lstm'][0][0].W has shape (8, 32) in the checkpoint, (16, 64) in this model" in err
         assert _snapshot(out) == before
 
 
@@ -257,3 +257,82 @@ def test_ctrl_c_in_a_real_process_saves_and_exits_cleanly(tmp_path):
     assert f"interrupted at step {step}" in stderr and step >= 50
     assert "stopped" in stdout and "interrupted" in stdout  # the summary table
     assert load_run(out).state.step == step
+
+
+def test_stacked_model_from_the_command_line(tmp_path, capsys):
+    """--hidden 6,5 with dropout between layers and on h_{t-1}: the checkpoint holds the architecture,
+    evaluate rebuilds it, and a resume with another one is refused naming the flag and both values."""
+    out = tmp_path / "stack"
+    flags = ["--task", "sine", "--hidden", "6,5", "--layer-dropout", "0.1", "--recurrent-dropout", "0.2"]
+    assert main(["train", *flags, "--steps", "4", "--log-every", "2", "--out", str(out), "--no-sample"]) == 0
+    cap = capsys.readouterr()
+    assert "LSTM 6,5, layer dropout 0.1, recurrent dropout 0.2" in cap.err and "LSTM 6,5" in cap.out
+    config = checkpoint.read_header(out / "checkpoint.npz")["config"]
+    assert config["hidden"] == [6, 5] and config["recurrent_dropout"] == 0.2 and config["bidirectional"] is False
+    run = load_run(out)
+    assert [p.W.shape for (p,) in run.state.params["lstm"]] == [(6, 24), (5, 20)]
+    assert main(["evaluate", "--checkpoint", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 4
+    before = _snapshot(out)
+    for flag, value, saved in (("--hidden", "6", "6,5"), ("--recurrent-dropout", "0.3", "0.2")):
+        assert main(["train", "--resume", "--out", str(out), "--steps", "6", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {value} (the checkpoint has {saved})" in err and len(err.strip().splitlines()) == 1
+    assert _snapshot(out) == before
+    assert main(["train", "--resume", "--out", str(out), "--steps", "6", "--hidden", "6,5", "--no-sample"]) == 0
+    assert load_run(out).state.step == 6
+
+
+@pytest.mark.parametrize("task", ["charlm", "sine"])
+def test_bidirectional_next_step_prediction_is_refused(tmp_path, capsys, monkeypatch, task):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--task", task, "--bidirectional"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"--bidirectional is refused for {task}: it predicts the next step" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bidirectional_addition_and_its_checkpoint(tmp_path, capsys):
+    out = tmp_path / "add"
+    argv = ["train", "--task", "addition", "--bidirectional", "--hidden", "4,3", "--steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert [len(layer) for layer in load_run(out).state.params["lstm"]] == [2, 2]
+    assert main(["train", "--resume", "--out", str(out), "--steps", "3", "--no-bidirectional"]) == 2
+    assert "--no-bidirectional (the checkpoint has --bidirectional)" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(out)]) == 0
+
+
+def _single_layer_layout(tree):
+    """A train state as checkpoints held it when the model was one LSTMParams (no stack nesting)."""
+    if isinstance(tree, dict):
+        return {
+            k: v[0][0] if k in ("lstm", "carry") and v is not None else _single_layer_layout(v) for k, v in tree.items()
+        }
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_single_layer_layout(x) for x in tree))
+    if isinstance(tree, tuple):
+        return tuple(_single_layer_layout(x) for x in tree)
+    return tree
+
+
+def test_single_layer_checkpoints_of_the_earlier_layout_still_load(charlm_run, tmp_path, capsys):
+    out = _copy_run(charlm_run, tmp_path / "old")
+    header, _ = checkpoint.load(out / "checkpoint.npz")
+    run = load_run(out)
+    old_config = {
+        k: v for k, v in header["config"].items() if k not in ("bidirectional", "layer_dropout", "recurrent_dropout")
+    }
+    checkpoint.save(
+        out / "checkpoint.npz", _single_layer_layout(run.state.arrays()), config=old_config, meta=header["meta"]
+    )
+    paths = [e["path"] for e in checkpoint.read_header(out / "checkpoint.npz")["leaves"]]
+    assert "['params']['lstm'].W" in paths and "['carry'].h" in paths
+    assert main(["evaluate", "--checkpoint", str(charlm_run), "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)["val_bpc"]
+    assert main(["evaluate", "--checkpoint", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_bpc"] == expected
+    assert main(["sample", "--checkpoint", str(out), "--length", "20"]) == 0
+    assert main(["train", "--resume", "--out", str(out), "--steps", "14", "--no-sample"]) == 0
+    assert load_run(out).state.step == 14

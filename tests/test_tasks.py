@@ -81,12 +81,12 @@ def test_charlm_untrained_loss_near_uniform(char_data):
     params = charlm.TASK.init_params(jax.random.PRNGKey(0), cfg, d)
     batch = charlm.TASK.train_batch(d, cfg, 0, jax.random.PRNGKey(0))
     z = jnp.ones((4, 8), jnp.float64)
-    loss, aux = charlm.TASK.loss(params, {**batch, "h0": z, "c0": z}, lstm)
+    loss, aux = charlm.TASK.loss(params, {**batch, "carry": ((LSTMState(z, z),),)}, lstm)
     assert abs(float(loss) - math.log2(len(d.vocab))) < 1.0
     # reset=True: the carried state is ignored, so the loss equals the loss from a zero state
-    loss0, _ = charlm.TASK.loss(params, {**batch, "h0": 0 * z, "c0": 0 * z}, lstm)
+    loss0, _ = charlm.TASK.loss(params, {**batch, "carry": ((LSTMState(0 * z, 0 * z),),)}, lstm)
     assert float(loss) == float(loss0)
-    assert aux["carry"].h.shape == (4, 8)
+    assert aux["carry"][0][0].h.shape == (4, 8)
 
 
 def test_charlm_sample(char_data):
@@ -148,7 +148,7 @@ def test_task_gradient_manual_equals_autodiff(name):
     if task.carries_state:
         k1, k2 = jax.random.split(jax.random.PRNGKey(3))
         s = LSTMState(jax.random.normal(k1, (4, 8), jnp.float64), jax.random.normal(k2, (4, 8), jnp.float64))
-        batch.update(h0=s.h, c0=s.c)
+        batch.update(carry=((s,),))
     (l_m, _), g_m = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, lstm), has_aux=True))(params)
     (l_r, _), g_r = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, lstm_ref), has_aux=True))(params)
     assert abs(float(l_m) - float(l_r)) <= 1e-12 * abs(float(l_r))
@@ -169,3 +169,61 @@ def test_evaluator_reports_the_metric(name):
     assert all(math.isfinite(v) for v in values.values())
     if task.loss_is_metric:
         assert values["val_loss"] == values[task.metric]
+
+
+STACKS = {
+    "charlm": dict(hidden=(5, 4), layer_dropout=0.3, recurrent_dropout=0.25),
+    "addition": dict(hidden=(5, 4), bidirectional=True, layer_dropout=0.3, recurrent_dropout=0.25),
+    "sine": dict(hidden=(5, 4), layer_dropout=0.3, recurrent_dropout=0.25),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_stacked_model_with_dropout_manual_equals_autodiff(name):
+    """Two layers (bidirectional for addition), dropout between them and on h_{t-1}: lstm_stack with the
+    hand-written BPTT and with autodiff give the same loss and gradients (float64, fixed dropout key)."""
+    cfg = _cfg(name, **STACKS[name])
+    task = get_task(name)
+    data = task.setup(cfg)
+    params = task.init_params(jax.random.PRNGKey(0), cfg, data)
+    assert len(params["lstm"]) == 2 and len(params["lstm"][0]) == (2 if cfg.bidirectional else 1)
+    assert params["head"]["w"].shape[0] == 4 * (2 if cfg.bidirectional else 1)
+    batch = dict(task.train_batch(data, cfg, 1, jax.random.PRNGKey(2)))
+    assert batch["key"].shape[0] == cfg.batch_size  # batch-major, so the batch can be split over devices
+    if task.carries_state:
+        batch["carry"] = jax.tree.map(lambda a: a + 0.5, train_zero_carry(cfg))
+    grad = lambda fn, c: jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, fn, c)[0]))(params)  # noqa: E731
+    (l_m, g_m), (l_r, g_r) = grad(lstm, cfg), grad(lstm_ref, cfg)
+    assert abs(float(l_m) - float(l_r)) <= 1e-12 * abs(float(l_r))
+    for a, b in zip(jax.tree.leaves(g_m), jax.tree.leaves(g_r), strict=True):
+        assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 1e-10 * max(np.max(np.abs(np.asarray(b))), 1e-30)
+    no_dropout, _ = grad(lstm, None)  # without the config the stack runs without dropout
+    assert float(no_dropout) != float(l_m)
+
+
+def train_zero_carry(cfg):
+    from jax_lstm.tasks.base import zero_carry
+
+    return zero_carry(cfg, cfg.batch_size)
+
+
+@pytest.mark.parametrize("name", ["charlm", "sine"])
+def test_bidirectional_is_refused_for_next_step_prediction(name):
+    assert get_task(name).causal
+    with pytest.raises(ValueError, match=f"--bidirectional is refused for {name}: it predicts the next step"):
+        _cfg(name, bidirectional=True)
+    assert _cfg("addition", bidirectional=True).bidirectional  # addition's targets are not later inputs
+
+
+def test_hidden_sizes_one_int_is_one_layer():
+    assert _cfg("sine", hidden=[6]).hidden == 6 and _cfg("sine", hidden=[6, 5]).hidden == (6, 5)
+    for bad in ((), (6, 0), 2.5):
+        with pytest.raises(ValueError, match="hidden must be a positive integer or a tuple of them"):
+            _cfg("sine", hidden=bad)
+
+
+def test_charlm_samples_from_a_stack(char_data):
+    cfg = _cfg("charlm", dtype="float32", hidden=(6, 5))
+    params = charlm.TASK.init_params(jax.random.PRNGKey(0), cfg, char_data)
+    text = charlm.sample(params, char_data.vocab, "The ", 30, temperature=0.7, seed=1)
+    assert len(text) == 30 and set(text) <= set(char_data.vocab)

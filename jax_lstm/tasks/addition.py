@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_lstm.tasks.base import Task, dense, init_model, run_lstm
+from jax_lstm.tasks.base import Task, dense, init_model, run_stack, stack_key
 
 __all__ = ["Addition", "TASK", "encode", "decode", "AdditionData"]
 
@@ -89,16 +89,17 @@ class Addition(Task):
         return init_model(key, 2, 1, config)
 
     def train_batch(self, data: AdditionData, config, step: int, key) -> dict:
-        x, y = _draw(key, data.train_pool, int(config.batch_size), jnp.dtype(config.dtype))
-        return {"x": x, "y": y}
+        B = int(config.batch_size)
+        x, y = _draw(key, data.train_pool, B, jnp.dtype(config.dtype))
+        return {"x": x, "y": y, **stack_key(key, config, B)}
 
-    def logits(self, params, x, lstm_fn) -> jax.Array:
-        """x: (N, 9, 2) -> logits (N, 9)."""
-        hs, _ = run_lstm(lstm_fn, params["lstm"], x)
+    def logits(self, params, x, lstm_fn, config=None, key=None) -> jax.Array:
+        """x: (N, 9, 2) -> logits (N, 9) (dropout with ``config`` and ``key``)."""
+        hs, _ = run_stack(lstm_fn, params["lstm"], x, config=config, key=key)
         return jnp.swapaxes(dense(params["head"], hs)[..., 0], 0, 1)
 
-    def loss(self, params, batch, lstm_fn):
-        logits = self.logits(params, batch["x"], lstm_fn)
+    def loss(self, params, batch, lstm_fn, config=None):
+        logits = self.logits(params, batch["x"], lstm_fn, config, batch.get("key"))
         return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, batch["y"])), {}
 
     def make_evaluator(self, data: AdditionData, config, lstm_fn):

@@ -4,14 +4,21 @@ A task owns its data, its head (a dense readout on top of the LSTM), its loss
 and its validation metric. The model is always::
 
     inputs (B, T, ...) --embedding / features--> xs (T, B, D)
-        --lstm or lstm_ref--> hs (T, B, H) --dense head--> outputs (T, B, K)
+        --lstm_stack (lstm, or lstm_ref with --grad autodiff)--> hs (T, B, H_out) --dense head--> outputs (T, B, K)
+
+where the stack has one layer per entry of ``config.hidden`` (an int is one
+layer), optionally bidirectional (then ``H_out = 2 H_L``), with
+``config.layer_dropout`` between layers and ``config.recurrent_dropout`` on
+every layer's h_{t-1} during training.
 
 Arrays handed to and from the trainer are batch-major (the batch is the
 leading axis, so a batch can be split over devices); the LSTM itself runs
-time-major.
+time-major. A training batch that needs dropout inside the stack holds
+``"key"``: (B, 2), the same PRNG key in every row (``stack_key``).
 
 A task reads these fields of the run configuration (attribute access):
-``seed``, ``batch_size``, ``seq_len``, ``hidden``, ``embed``, ``dtype``.
+``seed``, ``batch_size``, ``seq_len``, ``hidden``, ``bidirectional``,
+``layer_dropout``, ``recurrent_dropout``, ``embed``, ``dtype``.
 """
 
 from __future__ import annotations
@@ -22,12 +29,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jax_lstm.cell import LSTMState, init_params
+from jax_lstm.bptt import lstm
+from jax_lstm.cell import LSTMState
+from jax_lstm.layers import init_stack, lstm_stack
+from jax_lstm.reference import lstm_ref
 
-__all__ = ["Task", "LSTMFn", "init_dense", "dense", "run_lstm", "init_model"]
+__all__ = [
+    "Task",
+    "LSTMFn",
+    "init_dense",
+    "dense",
+    "hidden_sizes",
+    "init_model",
+    "zero_carry",
+    "stack_key",
+    "run_stack",
+]
 
-# lstm or lstm_ref: (params, xs, state0) -> (hs, final_state)
+# lstm or lstm_ref: which LSTM the stack runs (the hand-written BPTT or autodiff through lax.scan)
 LSTMFn = Callable[..., tuple[jax.Array, LSTMState]]
+_IMPL = {lstm: "manual", lstm_ref: "ref"}
 
 
 class Task:
@@ -41,9 +62,12 @@ class Task:
       higher_is_better: whether a larger metric is better.
       carries_state: whether consecutive training batches continue the same
         sequences, so the LSTM state is carried from one step to the next
-        (truncated BPTT). The trainer then adds ``h0`` and ``c0`` (B, H) to
-        each batch and reads the final state back from the loss's aux
-        output ``"carry"``.
+        (truncated BPTT). The trainer then adds ``"carry"`` (the stack's
+        state, h, c: (B, H_l) per layer and direction) to each batch and
+        reads the final state back from the loss's aux output ``"carry"``.
+      causal: whether the target at step t is the input at a later step
+        (next-step prediction); a bidirectional stack would then see its
+        targets, so ``--bidirectional`` is refused.
       loss_is_metric: whether the validation loss and the metric are the same
         number (then one plot panel shows both).
       defaults: run-configuration defaults for this task.
@@ -55,6 +79,7 @@ class Task:
     higher_is_better: bool = False
     carries_state: bool = False
     loss_is_metric: bool = False
+    causal: bool = False
     defaults: dict[str, Any] = {}
 
     def setup(self, config, info: dict[str, Any] | None = None) -> Any:
@@ -72,7 +97,7 @@ class Task:
         return {}
 
     def init_params(self, key: jax.Array, config, data) -> dict[str, Any]:
-        """Model parameters: a dict with at least ``"lstm"`` (``LSTMParams``) and ``"head"``."""
+        """Model parameters: a dict with at least ``"lstm"`` (``StackParams``) and ``"head"``."""
         raise NotImplementedError
 
     def train_batch(self, data, config, step: int, key: jax.Array) -> dict[str, Any]:
@@ -88,8 +113,12 @@ class Task:
         """
         raise NotImplementedError
 
-    def loss(self, params, batch: dict[str, Any], lstm_fn: LSTMFn) -> tuple[jax.Array, dict[str, Any]]:
-        """Scalar training loss and an aux dict (``"carry"``: final ``LSTMState`` if ``carries_state``)."""
+    def loss(self, params, batch: dict[str, Any], lstm_fn: LSTMFn, config=None) -> tuple[jax.Array, dict[str, Any]]:
+        """Scalar training loss and an aux dict (``"carry"``: the stack's final state if ``carries_state``).
+
+        ``config`` gives the stack's dropout rates, applied when the batch holds a ``"key"``; None: no
+        dropout inside the stack.
+        """
         raise NotImplementedError
 
     def make_evaluator(self, data, config, lstm_fn: LSTMFn) -> Callable[[Any], dict[str, float]]:
@@ -117,27 +146,62 @@ def dense(p: dict[str, jax.Array], hs: jax.Array) -> jax.Array:
     return jnp.matmul(hs, p["w"]) + p["b"][lead]
 
 
+def hidden_sizes(config) -> tuple[int, ...]:
+    """``config.hidden`` as one size per layer: an int is one layer."""
+    h = config.hidden
+    return (int(h),) if isinstance(h, int) else tuple(int(x) for x in h)
+
+
 def init_model(key: jax.Array, n_in: int, n_out: int, config) -> dict[str, Any]:
-    """``{"lstm": LSTMParams (D=n_in, H=config.hidden), "head": dense(H -> n_out)}``."""
+    """``{"lstm": StackParams (D=n_in, sizes from config.hidden), "head": dense(H_out -> n_out)}``."""
     k_lstm, k_head = jax.random.split(key)
     dtype = jnp.dtype(config.dtype)
+    sizes, bidirectional = hidden_sizes(config), bool(config.bidirectional)
     return {
-        "lstm": init_params(k_lstm, n_in, config.hidden, dtype=dtype),
-        "head": init_dense(k_head, config.hidden, n_out, dtype),
+        "lstm": init_stack(k_lstm, n_in, sizes, bidirectional=bidirectional, dtype=dtype),
+        "head": init_dense(k_head, sizes[-1] * (2 if bidirectional else 1), n_out, dtype),
     }
 
 
-def run_lstm(lstm_fn: LSTMFn, params, xs_bm: jax.Array, state0: LSTMState | None = None, **kwargs):
-    """Run the LSTM on batch-major inputs.
+def zero_carry(config, batch_size: int):
+    """The zero state of the stack: per layer and direction ``LSTMState`` with h, c: (batch_size, H_l)."""
+    n_dir = 2 if config.bidirectional else 1
+    zeros = lambda h: jnp.zeros((batch_size, h), jnp.dtype(config.dtype))  # noqa: E731
+    return tuple(tuple(LSTMState(zeros(h), zeros(h)) for _ in range(n_dir)) for h in hidden_sizes(config))
+
+
+def stack_key(key: jax.Array, config, batch_size: int) -> dict[str, jax.Array]:
+    """``{"key": (B, 2)}`` for a training batch when the stack uses dropout, else ``{}``.
+
+    The key is repeated on every row so that the batch keeps the batch as its leading axis
+    (and can be split over devices); ``run_stack`` uses row 0.
+    """
+    if not (float(config.recurrent_dropout) > 0 or (float(config.layer_dropout) > 0 and len(hidden_sizes(config)) > 1)):
+        return {}
+    return {"key": jnp.broadcast_to(jax.random.fold_in(key, 1), (batch_size, *key.shape))}
+
+
+def run_stack(lstm_fn: LSTMFn, params, xs_bm: jax.Array, states0=None, *, config=None, key=None, **kwargs):
+    """Run the LSTM stack on batch-major inputs.
 
     Args:
-      lstm_fn: ``lstm`` or ``lstm_ref``.
-      params: ``LSTMParams``.
+      lstm_fn: ``lstm`` (hand-written BPTT: ``impl="manual"``) or ``lstm_ref`` (``impl="ref"``).
+      params: ``StackParams``.
       xs_bm: (B, T, D) inputs, batch-major.
-      state0: ``LSTMState`` with h, c: (B, H), or None for zeros.
+      states0: the stack's initial state, or None for zeros.
+      config: with ``key``, the run configuration whose ``layer_dropout`` and
+        ``recurrent_dropout`` apply (training); without both, no dropout (evaluation).
+      key: the batch's ``"key"`` (B, 2) from ``stack_key``, or None.
       **kwargs: passed on (``seq_lengths``, ``unroll``).
 
     Returns:
-      ``(hs, final_state)`` with hs: (T, B, H), time-major.
+      ``(hs, final_states)`` with hs: (T, B, H_out), time-major.
     """
-    return lstm_fn(params, jnp.swapaxes(xs_bm, 0, 1), state0, **kwargs)
+    if lstm_fn not in _IMPL:
+        raise ValueError(f"lstm_fn must be jax_lstm.lstm or jax_lstm.lstm_ref, got {lstm_fn!r}")
+    if key is not None and config is not None:
+        kwargs["key"] = key[0]
+        kwargs["dropout"] = float(config.layer_dropout)
+        if float(config.recurrent_dropout) > 0:
+            kwargs["recurrent_dropout"] = float(config.recurrent_dropout)
+    return lstm_stack(params, jnp.swapaxes(xs_bm, 0, 1), states0, impl=_IMPL[lstm_fn], **kwargs)

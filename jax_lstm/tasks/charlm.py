@@ -13,8 +13,10 @@ characters per step; the LSTM state is carried from one window to the next
 and reset when the walk starts over (truncated BPTT). The data position is
 therefore the step index.
 
-Model: an embedding (V, E) -> LSTM -> dropout (training only, rate
-``config.dropout``) -> dense head (H, V). Loss and metric:
+Model: an embedding (V, E) -> LSTM stack (``config.hidden``: one size per
+layer) -> dropout (training only, rate ``config.dropout``) -> dense head
+(H_L, V). Bidirectional stacks are refused: they would read the characters
+they are asked to predict. Loss and metric:
 cross-entropy in bits per character; the unigram baseline is the
 cross-entropy of the training split's character frequencies (add-one
 smoothed) on the validation split.
@@ -32,9 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_lstm.bptt import lstm
-from jax_lstm.cell import LSTMState, lstm_cell
-from jax_lstm.tasks.base import LSTMFn, Task, dense, init_model, run_lstm
+from jax_lstm.layers import lstm_stack
+from jax_lstm.tasks.base import LSTMFn, Task, dense, hidden_sizes, init_model, run_stack, stack_key
 
 __all__ = ["CharLM", "TASK", "corpus", "CharData", "sample"]
 
@@ -98,6 +99,7 @@ class CharLM(Task):
     higher_is_better = False
     carries_state = True
     loss_is_metric = True
+    causal = True  # next-character prediction
     defaults = {
         "steps": 5000,
         "batch_size": 32,
@@ -147,8 +149,9 @@ class CharLM(Task):
     def train_batch(self, data: CharData, config, step: int, key) -> dict:
         """Window ``step mod n_windows`` of every stream; ``reset`` is True at the first window.
 
-        With ``config.dropout`` > 0 the batch also holds ``drop`` (B, T, H), the
-        dropout multipliers of the LSTM outputs, drawn from ``key``.
+        With ``config.dropout`` > 0 the batch also holds ``drop`` (B, T, H_L), the
+        dropout multipliers of the LSTM outputs, drawn from ``key``; with dropout inside
+        the stack, ``key`` (see ``stack_key``).
         """
         T = int(config.seq_len)
         w = int(step) % data.n_windows
@@ -157,22 +160,25 @@ class CharLM(Task):
         batch = {"x": chunk[:, :-1], "y": chunk[:, 1:], "reset": np.full((B,), w == 0)}
         rate = float(getattr(config, "dropout", 0.0) or 0.0)
         if rate > 0:
-            batch["drop"] = dropout_mask(key, (B, T, int(config.hidden)), rate, jnp.dtype(config.dtype))
-        return batch
+            batch["drop"] = dropout_mask(key, (B, T, hidden_sizes(config)[-1]), rate, jnp.dtype(config.dtype))
+        return {**batch, **stack_key(key, config, B)}
 
-    def logits(self, params, x_bm: jax.Array, state0: LSTMState | None, lstm_fn: LSTMFn, drop=None):
-        """x_bm: (B, T) ids -> logits (T, B, V) and the final state; ``drop``: (B, T, H) or None."""
+    def logits(self, params, x_bm: jax.Array, state0, lstm_fn: LSTMFn, drop=None, config=None, key=None):
+        """x_bm: (B, T) ids -> logits (T, B, V) and the stack's final state.
+
+        ``state0``: the stack's state (h, c: (B, H_l) per layer) or None; ``drop``: (B, T, H_L) or None;
+        ``config`` and ``key``: dropout inside the stack (training).
+        """
         xs = params["embed"][x_bm]  # (B, T, E)
-        hs, final = run_lstm(lstm_fn, params["lstm"], xs, state0)
+        hs, final = run_stack(lstm_fn, params["lstm"], xs, state0, config=config, key=key)
         if drop is not None:
             hs = hs * jnp.swapaxes(drop, 0, 1)
         return dense(params["head"], hs), final
 
-    def loss(self, params, batch, lstm_fn):
-        keep = jnp.logical_not(batch["reset"])[:, None]
-        h0 = jnp.where(keep, batch["h0"], jnp.zeros_like(batch["h0"]))
-        c0 = jnp.where(keep, batch["c0"], jnp.zeros_like(batch["c0"]))
-        logits, final = self.logits(params, batch["x"], LSTMState(h0, c0), lstm_fn, batch.get("drop"))
+    def loss(self, params, batch, lstm_fn, config=None):
+        keep = jnp.logical_not(batch["reset"])[:, None]  # (B, 1): False where the walk starts over
+        state0 = jax.tree.map(lambda a: jnp.where(keep, a, jnp.zeros_like(a)), batch["carry"])
+        logits, final = self.logits(params, batch["x"], state0, lstm_fn, batch.get("drop"), config, batch.get("key"))
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.swapaxes(batch["y"], 0, 1))
         return jnp.mean(ce) / LN2, {"carry": jax.tree.map(jax.lax.stop_gradient, final)}
 
@@ -220,16 +226,16 @@ TASK = CharLM()
 @functools.partial(jax.jit, static_argnames=("length",))
 def _generate(params, prompt_ids, key, temperature, length: int):
     xs = params["embed"][prompt_ids][:, None, :]  # (P, 1, E)
-    hs, state = lstm(params["lstm"], xs)
+    hs, states = lstm_stack(params["lstm"], xs)
     logits = dense(params["head"], hs[-1])  # (1, V)
 
     def body(carry, k):
-        state, logits = carry
+        states, logits = carry
         c = jax.random.categorical(k, logits / temperature, axis=-1)  # (1,)
-        state, h = lstm_cell(params["lstm"], state, params["embed"][c])
-        return (state, dense(params["head"], h)), c[0]
+        hs, states = lstm_stack(params["lstm"], params["embed"][c][None], states)  # one step of every layer
+        return (states, dense(params["head"], hs[0])), c[0]
 
-    _, out = jax.lax.scan(body, (state, logits), jax.random.split(key, length))
+    _, out = jax.lax.scan(body, (states, logits), jax.random.split(key, length))
     return out
 
 
@@ -237,7 +243,7 @@ def sample(params, vocab: str, prompt: str, length: int, temperature: float = 1.
     """Generate ``length`` characters after ``prompt``.
 
     Args:
-      params: charlm parameters (``embed``, ``lstm``, ``head``).
+      params: charlm parameters (``embed``, ``lstm``: a unidirectional stack, ``head``).
       vocab: the model's vocabulary.
       prompt: non-empty text made of vocabulary characters; the LSTM reads it first.
       length: number of characters to generate.

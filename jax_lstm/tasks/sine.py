@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jax_lstm.tasks.base import Task, dense, init_model, run_lstm
+from jax_lstm.tasks.base import Task, dense, init_model, run_stack, stack_key
 
 __all__ = ["Sine", "TASK", "make_series", "SineData"]
 
@@ -55,6 +55,7 @@ class Sine(Task):
     higher_is_better = False
     carries_state = False
     loss_is_metric = True
+    causal = True  # next-step prediction
     defaults = {
         "steps": 3000,
         "batch_size": 32,
@@ -75,16 +76,18 @@ class Sine(Task):
         return init_model(key, 2, 2, config)
 
     def train_batch(self, data, config, step: int, key) -> dict:
-        x, y = _make_series(key, int(config.batch_size), int(config.seq_len), jnp.dtype(config.dtype))
-        return {"x": x, "y": y}
+        B = int(config.batch_size)
+        x, y = _make_series(key, B, int(config.seq_len), jnp.dtype(config.dtype))
+        return {"x": x, "y": y, **stack_key(key, config, B)}
 
-    def predict(self, params, x, lstm_fn) -> jax.Array:
-        """x: (B, T, 2) -> predictions (B, T, 2) of the next values."""
-        hs, _ = run_lstm(lstm_fn, params["lstm"], x)
+    def predict(self, params, x, lstm_fn, config=None, key=None) -> jax.Array:
+        """x: (B, T, 2) -> predictions (B, T, 2) of the next values (dropout with ``config`` and ``key``)."""
+        hs, _ = run_stack(lstm_fn, params["lstm"], x, config=config, key=key)
         return jnp.swapaxes(dense(params["head"], hs), 0, 1)
 
-    def loss(self, params, batch, lstm_fn):
-        return jnp.mean((self.predict(params, batch["x"], lstm_fn) - batch["y"]) ** 2), {}
+    def loss(self, params, batch, lstm_fn, config=None):
+        pred = self.predict(params, batch["x"], lstm_fn, config, batch.get("key"))
+        return jnp.mean((pred - batch["y"]) ** 2), {}
 
     def make_evaluator(self, data: SineData, config, lstm_fn):
         @jax.jit
