@@ -6,10 +6,11 @@ one replaces a ``lax.scan`` over ``eqx.nn.LSTMCell``::
     # Equinox
     cell = eqx.nn.LSTMCell(D, H, key=key)
     def run(xs):                                          # xs: (T, D)
-        step = lambda s, x: (cell(x, s), cell(x, s)[0])
-        (h, c), hs = jax.lax.scan(step, (jnp.zeros(H), jnp.zeros(H)), xs)
-        return hs, (h, c)
-    jax.vmap(run)(batch)
+        def step(state, x_t):
+            state = cell(x_t, state)                      # (h, c)
+            return state, state[0]
+        return jax.lax.scan(step, (jnp.zeros(H), jnp.zeros(H)), xs)[::-1]
+    hs, (h, c) = jax.vmap(run)(batch)
     # jax_lstm
     model = jax_lstm.eqx.LSTM(D, H, key=key)
     hs, state = jax.vmap(model)(batch)                    # state = LSTMState(h, c)
