@@ -88,8 +88,9 @@ ALL_ON = Cfg(True, True, True, False, P_DROP, True, True)  # every option, forwa
 ALL_ON_BM = ALL_ON._replace(time_major=False)
 ALL_ON_REV_BM = ALL_ON._replace(reverse=True, time_major=False)
 FULL_GRID = os.environ.get("JAX_LSTM_FULL_GRID") == "1"
-VALUE_GRID = ALL_CFGS if FULL_GRID else covering_subset(ALL_CFGS, 3)
 GRAD_GRID = ALL_CFGS if FULL_GRID else covering_subset(ALL_CFGS, 2, seeds=(ALL_ON, ALL_ON_BM, ALL_ON_REV_BM))
+# values of the gradient grid are checked with its gradients; these configurations complete it to strength 3
+VALUE_GRID = ALL_CFGS if FULL_GRID else covering_subset(ALL_CFGS, 3, seeds=tuple(GRAD_GRID))[len(GRAD_GRID) :]
 
 
 class Problem(NamedTuple):
@@ -188,6 +189,27 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-8))
 
 
+def np_stack(seed: int, sizes, bidirectional: bool, d: int = D):
+    """Stack params in init_stack's layout, drawn with NumPy (no compile per layer)."""
+    rng = np.random.default_rng(seed)
+    n_dir = 2 if bidirectional else 1
+    layers = []
+    for h in sizes:
+        shapes = ((h, 4 * h), (d, 4 * h), (4 * h,))
+        layers.append(
+            tuple(LSTMParams(*(jnp.asarray(rng.normal(scale=0.5, size=s)) for s in shapes)) for _ in range(n_dir))
+        )
+        d = n_dir * h
+    return tuple(layers)
+
+
+def test_np_stack_has_init_stack_layout():
+    want = init_stack(jax.random.PRNGKey(0), D, [H, 2], bidirectional=True, dtype=jnp.float64)
+    got = np_stack(0, [H, 2], True)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert [a.shape for a in jax.tree.leaves(got)] == [a.shape for a in jax.tree.leaves(want)]
+
+
 def cotangents(seed: int, outs):
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), outs)
@@ -232,7 +254,8 @@ def random_cts(cfg: Cfg, pb: Problem, seed: int):
 
 
 def test_grids_cover_every_combination_of_their_strength():
-    for grid, strength in ((VALUE_GRID, 3), (GRAD_GRID, 2)):
+    both = GRAD_GRID + [c for c in VALUE_GRID if c not in GRAD_GRID]
+    for grid, strength in ((both, 3), (GRAD_GRID, 2)):
         assert len(grid) < len(ALL_CFGS) or FULL_GRID
         for g in itertools.combinations(range(len(LEVELS)), strength):
             assert len({tuple(c[k] for k in g) for c in grid}) == 2**strength, g
@@ -482,13 +505,15 @@ def test_reset_at_a_masked_step_still_resets():
 
 
 def test_resets_without_state0_restore_zeros():
-    pb = problem(62)
+    cfg = next(c for c in GRAD_GRID if c.resets and not c.state0 and not c.reverse and c.time_major)
     resets = np.zeros((T, B), bool)
     resets[3, :] = True
-    for fn in (lstm, lstm_ref):
-        hs, _ = fn(pb.params, jnp.asarray(pb.xs), resets=resets)
-        fresh, _ = fn(pb.params, jnp.asarray(pb.xs[3:]))
-        np.testing.assert_allclose(hs[3:], fresh, rtol=1e-13, atol=1e-14)
+    pb = neutral(problem(62), resets=resets)
+    keep = dropout_scale(pb.keep, cfg.dropout) if cfg.dropout else None
+    fresh, _, _ = lstm_np(*pb.params, pb.xs[3:], keep_scale=keep)
+    for out, _ in vjp_both(cfg)(*args(cfg, pb), zero_cts(cfg, pb)):
+        np.testing.assert_allclose(out[0][3:], fresh, rtol=VALUE_TOL, atol=VALUE_TOL)
+        assert np.max(np.abs(np.asarray(out[0][:3]))) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------- recurrent dropout
@@ -502,7 +527,7 @@ def test_recurrent_dropout_needs_a_key(fn):
 
 
 def test_stack_recurrent_dropout_needs_a_key():
-    params = init_stack(jax.random.PRNGKey(0), D, [H], dtype=jnp.float64)
+    params = ((problem(0).params,),)
     with pytest.raises(ValueError, match="key"):
         lstm_stack(params, jnp.ones((T, B, D)), recurrent_dropout=0.3)
 
@@ -510,15 +535,16 @@ def test_stack_recurrent_dropout_needs_a_key():
 def test_recurrent_dropout_same_key_same_mask_and_keys_differ():
     pb = problem(72)
     xs = jnp.asarray(pb.xs)
-    a = lstm(pb.params, xs, recurrent_dropout=0.3, key=pb.key)
+    dropped = jax.jit(lambda p, x, k: lstm(p, x, recurrent_dropout=0.3, key=k))
+    a = dropped(pb.params, xs, pb.key)
     b = lstm_ref(pb.params, xs, recurrent_dropout=0.3, key=pb.key)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-13, atol=1e-14)
     hs_o, _, _ = lstm_np(*pb.params, pb.xs, keep_scale=dropout_scale(pb.keep, 0.3))
     np.testing.assert_allclose(a[0], hs_o, rtol=VALUE_TOL, atol=VALUE_TOL)
     again = lstm(pb.params, xs, recurrent_dropout=0.3, key=pb.key)
-    np.testing.assert_array_equal(a[0], again[0])
-    other = lstm(pb.params, xs, recurrent_dropout=0.3, key=jax.random.PRNGKey(12345))
+    np.testing.assert_allclose(a[0], again[0], rtol=1e-13, atol=1e-14)
+    other = dropped(pb.params, xs, jax.random.PRNGKey(12345))
     assert np.max(np.abs(np.asarray(other[0]) - np.asarray(a[0]))) > 1e-3
     plain = lstm(pb.params, xs)
     assert np.max(np.abs(np.asarray(plain[0]) - np.asarray(a[0]))) > 1e-3
@@ -568,8 +594,8 @@ def _length_cases():
     cases = []
     for dt in (np.int8, np.uint8):
         cases += [(dt, t) for t in NARROW_T]
-    for dt in (np.int32, np.uint32, np.int64, np.uint64):  # the limit of these is out of reach: small and 300
-        cases += [(dt, 5), (dt, 300)]
+    for dt in (np.int32, np.uint32, np.int64, np.uint64):  # the limit of these is out of reach
+        cases += [(dt, 300)]
     return cases
 
 
@@ -597,7 +623,7 @@ def test_integer_lengths_are_exact_for_every_dtype_and_T(dt, t):
         np.testing.assert_allclose(c, c_o, rtol=VALUE_TOL, atol=VALUE_TOL, err_msg=name)
 
 
-@pytest.mark.parametrize("dt", [np.int8, np.uint8])
+@pytest.mark.parametrize("dt", [np.uint8])
 def test_narrow_lengths_padded_inputs_get_zero_gradient(dt):
     t = 300
     lengths = _lengths_near_limit(dt, t)
@@ -639,7 +665,7 @@ def test_out_of_range_lengths_raise(which, bad):
     lengths = np.array([1, bad, 2, T], np.int32)
     xs = jnp.asarray(pb.xs)
     if which == "lstm_stack":
-        params = init_stack(jax.random.PRNGKey(1), D, [H, H], bidirectional=True, dtype=jnp.float64)
+        params = np_stack(1, [H, H], True)
         run = lambda: lstm_stack(params, xs, seq_lengths=lengths)  # noqa: E731
     else:
         fn = {"lstm": lstm, "lstm_ref": lstm_ref}[which]
@@ -664,7 +690,7 @@ def test_out_of_range_lengths_are_clamped_under_jit():
         np.testing.assert_allclose(hs, hs_o, rtol=VALUE_TOL, atol=VALUE_TOL)
         np.testing.assert_allclose(h, h_o, rtol=VALUE_TOL, atol=VALUE_TOL)
         np.testing.assert_allclose(c, c_o, rtol=VALUE_TOL, atol=VALUE_TOL)
-    params = init_stack(jax.random.PRNGKey(1), D, [H], bidirectional=True, dtype=jnp.float64)
+    params = np_stack(1, [H], True)
     stack = jax.jit(lambda p, x, n: lstm_stack(p, x, seq_lengths=n))
     got, want = stack(params, xs, lengths), stack(params, xs, clamped)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
@@ -694,7 +720,7 @@ def test_empty_batch_and_empty_time(which, t, b, opts):
         n_dir, h_out = 1, H
     else:
         bi = which == "stack_bi"
-        params = init_stack(jax.random.PRNGKey(2), D, [H, 2], bidirectional=bi, dtype=jnp.float64)
+        params = np_stack(2, [H, 2], bi)
         n_dir = 2 if bi else 1
         s0 = tuple(
             tuple(LSTMState(jnp.asarray(rng.normal(size=(b, hh))), jnp.ones((b, hh))) for _ in range(n_dir))
@@ -774,7 +800,7 @@ def test_batch_major_lstm_trace():
 
 
 def _stack_problem(seed, bidirectional):
-    params = init_stack(jax.random.PRNGKey(seed), D, [H, 2], bidirectional=bidirectional, dtype=jnp.float64)
+    params = np_stack(seed, [H, 2], bidirectional)
     rng = np.random.default_rng(seed)
     n_dir = 2 if bidirectional else 1
     rand = lambda hh: jnp.asarray(rng.normal(size=(B, hh)))  # noqa: E731
@@ -782,7 +808,7 @@ def _stack_problem(seed, bidirectional):
     return params, states0
 
 
-@pytest.mark.parametrize("bidirectional,dropout", [(False, 0.0), (True, 0.25)])
+@pytest.mark.parametrize("bidirectional,dropout", [(True, 0.25)])
 def test_batch_major_stack_and_gate_trace_stack(bidirectional, dropout):
     """lstm_stack and gate_trace_stack with time_major=False == time-major on transposed arrays.
 
@@ -860,25 +886,35 @@ def test_stack_with_mask_resets_recurrent_dropout(bidirectional):
     params, states0 = _stack_problem(121, bidirectional)
     opts = dict(mask=pb.mask, resets=pb.resets, dropout=0.2, recurrent_dropout=P_DROP, key=pb.key)
     xs = jnp.asarray(pb.xs)
-    ct = cotangents(6, lstm_stack(params, xs, states0, **opts))
+    ct = cotangents(6, jax.eval_shape(lambda: lstm_stack(params, xs, states0, **opts)))
 
     def vjp(f):
         out, g = jax.vjp(f, params, xs, states0)
         return out, g(ct)
 
-    run = jax.jit(
-        lambda: (
-            vjp(lambda p, x, s: lstm_stack(p, x, s, **opts)),
-            vjp(lambda p, x, s: lstm_stack(p, x, s, impl="ref", **opts)),
-            vjp(lambda p, x, s: compose_stack(p, x, s, **opts)),
+    if bidirectional:
+        run = jax.jit(
+            lambda: (
+                vjp(lambda p, x, s: lstm_stack(p, x, s, **opts)),
+                vjp(lambda p, x, s: lstm_stack(p, x, s, impl="ref", **opts)),
+                compose_stack(params, xs, states0, **opts),  # values only: the gradients of lstm are checked above
+            )
         )
-    )
-    (out, g), (out_r, g_r), (out_c, g_c) = run()
+        (out, g), (out_r, g_r), out_c = run()
+    else:  # values only: the bidirectional case checks the gradients of both directions
+        run = jax.jit(
+            lambda: (
+                lstm_stack(params, xs, states0, **opts),
+                lstm_stack(params, xs, states0, impl="ref", **opts),
+                compose_stack(params, xs, states0, **opts),
+            )
+        )
+        (out, out_r, out_c), g, g_r = run(), (), ()
     for a, b, c in zip(jax.tree.leaves(out), jax.tree.leaves(out_r), jax.tree.leaves(out_c), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
         np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-13)
-    for a, b, c in zip(jax.tree.leaves(g), jax.tree.leaves(g_r), jax.tree.leaves(g_c), strict=True):
-        assert rel_err(a, b) <= 1e-10 and rel_err(a, c) <= 1e-10
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_r), strict=True):
+        assert rel_err(a, b) <= 1e-10
     # the first layer, forward direction, equals the oracle with its documented recurrent key
     k0 = jax.random.fold_in(jax.random.fold_in(pb.key, 0), 0)
     keep0 = np.asarray(jax.random.bernoulli(k0, 1.0 - P_DROP, (B, H)))
