@@ -797,6 +797,10 @@ def test_batch_major_lstm_trace():
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
     hs_o, _, _ = oracle(ALL_ON._replace(reverse=True), pb)
     np.testing.assert_allclose(tr_t.h, hs_o, rtol=VALUE_TOL, atol=VALUE_TOL)
+    skipped = skipped_steps(ALL_ON, pb)
+    for name, a in zip(tr_t._fields, tr_t, strict=True):  # every field is zero at skipped steps
+        assert np.all(np.asarray(a)[skipped] == 0), name
+        assert np.max(np.abs(np.asarray(a)[~skipped])) > 1e-3, name
 
 
 def _stack_problem(seed, bidirectional):
