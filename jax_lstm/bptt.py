@@ -136,9 +136,65 @@ def lstm(
         hs = jnp.zeros((0, a.xs.shape[1], a.params.W.shape[0]), dtype)
         h, c = state0
     else:
-        hs, h, c = _lstm_core(*a.params, a.xs, state0.h, state0.c, a.mask, a.resets, a.keep, bool(reverse), int(unroll))
+        args = (*a.params, a.xs, state0.h, state0.c, a.mask, a.resets, a.keep)
+        hs, h, c = _run_core(args, bool(reverse), int(unroll))
     hs = hs.astype(dtype)
     return (hs if time_major else jnp.swapaxes(hs, 0, 1)), LSTMState(h.astype(dtype), c.astype(dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# Under jax.vmap over examples (the innermost transformation) the mapped axis is folded into the
+# batch rows before the custom_vjp sees it: the rows of every matmul, the weight gradients included,
+# then cover all examples at once, and dW, dU, db come out summed over examples by the matmuls
+# themselves. (A custom_vjp that is vmapped instead forms one weight gradient per example and sums
+# them afterwards: N times the memory and a batched matmul per weight.)
+
+_CORE_ROWS = (_W := "weight", _W, _W, ("rows", 1), ("rows", 0), ("rows", 0), ("rows", 1), ("rows", 1), ("rows", 0))
+_CORE_OUT_ROWS = (("rows", 1), ("rows", 0), ("rows", 0))
+
+
+def _run_core(args, reverse, unroll):
+    if _mapped_by_innermost_vmap(args):
+        return _vmapped_core(reverse, unroll)(*args)
+    return _lstm_core(*args, reverse, unroll)
+
+
+def _mapped_by_innermost_vmap(args) -> bool:
+    """Whether the innermost transformation tracing this call is a vmap that maps one of ``args``.
+
+    Only then is a ``custom_vmap`` rule reached before any autodiff sees the
+    call (grad of vmap, vmap alone); with autodiff innermost (vmap of grad)
+    the custom_vjp's own batching applies.
+    """
+    try:
+        from jax._src import core as jax_core
+        from jax._src.interpreters import batching
+    except ImportError:  # pragma: no cover - a JAX without these internals: the custom_vjp path is always right
+        return False
+    trace = jax_core.trace_ctx.trace
+    if not isinstance(trace, batching.BatchTrace):
+        return False
+    return any(
+        isinstance(a, batching.BatchTracer) and a._trace is trace and a.batch_dim is not None
+        for a in jax.tree.leaves(args)
+    )
+
+
+@functools.cache
+def _vmapped_core(reverse, unroll):
+    core = jax.custom_batching.custom_vmap(lambda *args: _lstm_core(*args, reverse, unroll))
+
+    @core.def_vmap
+    def rule(n, in_batched, *args):
+        weights_mapped = any(in_batched[:3])
+        if weights_mapped or any(_under_explicit_mesh(a) for a in args if a is not None):
+            axes = [0 if b else None for b in in_batched]
+            return jax.vmap(lambda *a: _lstm_core(*a, reverse, unroll), in_axes=axes)(*args), (True, True, True)
+        folded = [_fold(a, k, b, n) for a, k, b in zip(args, _CORE_ROWS, in_batched, strict=True)]
+        out = _run_core(tuple(folded), reverse, unroll)
+        return tuple(_unfold(a, k, n, 1) for a, k in zip(out, _CORE_OUT_ROWS, strict=True)), (True, True, True)
+
+    return core
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,7 +468,7 @@ def _contract(spec, a, b_, like, acc):
 # reads them undoes the same reshape. When a weight is mapped too (an ensemble), the kernel is
 # vmapped as it is: correct, and as fast as XLA's batched loops.
 
-_W, _R, _S = "weight", "rows", "residual"
+_R, _S = "rows", "residual"
 _ARGS = {
     "forward": ((_W, _W, _W, (_R, 1), (_R, 0), (_R, 0), (_R, 1), (_R, 1), (_R, 0)), ((_R, 1), (_R, 0), (_R, 0))),
     "forward_saving": (
