@@ -68,6 +68,10 @@ __all__ = [
     "model_variants",
     "bench_models",
     "render_models_table",
+    "OPTIONS",
+    "option_variant",
+    "bench_options",
+    "render_options_table",
     "main",
 ]
 
@@ -864,6 +868,172 @@ def _models_main(args, argv) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+# Option rows: what masks, resets, recurrent dropout, batch-major input and vmap cost.
+
+OPTIONS = ("plain", "mask", "resets", "recurrent_dropout", "batch_major", "vmap")
+OPTION_TARGETS = {
+    "time_ratio": 1.10,  # geo-mean of t_manual(option) / t_manual(plain), at most
+    "memory_ratio": 1.10,  # geo-mean of temp(option) / temp(plain), at most
+}
+
+
+def option_variant(fn: Callable, option: str, shape: Shape, impl: str, seed: int = 0) -> Variant:
+    """The train step of ``fn`` (``lstm`` or ``lstm_ref``) with one option of the second round.
+
+    ``mask``: a random 90% of the steps run; ``resets``: 5% of the steps reset;
+    ``recurrent_dropout``: rate 0.25; ``batch_major``: (B, T, D) input,
+    ``time_major=False``; ``vmap``: ``jax.vmap`` over the B examples of a call
+    on (T, 1, D), as an equinox model is used.
+    """
+    if option not in OPTIONS:
+        raise ValueError(f"option must be one of {OPTIONS}, got {option!r}")
+    p, xs, ws = _problem(shape, seed)
+    T, B = xs.shape[:2]
+    rng = np.random.default_rng(seed + 1)
+    kw: dict[str, Any] = {}
+    if option == "mask":
+        kw["mask"] = jnp.asarray(rng.random((T, B)) < 0.9)
+    elif option == "resets":
+        kw["resets"] = jnp.asarray(rng.random((T, B)) < 0.05)
+    elif option == "recurrent_dropout":
+        kw.update(recurrent_dropout=0.25, key=jax.random.PRNGKey(seed))
+    if option == "batch_major":
+        xs, ws = np.ascontiguousarray(xs.transpose(1, 0, 2)), (np.ascontiguousarray(ws[0].transpose(1, 0, 2)), *ws[1:])
+
+        def forward(p_, xs_):
+            return fn(p_, xs_, time_major=False)
+
+    elif option == "vmap":
+        xs, ws = (
+            np.ascontiguousarray(xs.transpose(1, 0, 2)[:, :, None, :]),
+            (
+                np.ascontiguousarray(ws[0].transpose(1, 0, 2)[:, :, None, :]),
+                ws[1][:, None, :],
+                ws[2][:, None, :],
+            ),
+        )
+
+        def forward(p_, xs_):
+            return jax.vmap(lambda x: fn(p_, x))(xs_)
+
+    else:
+
+        def forward(p_, xs_):
+            return fn(p_, xs_, **kw)
+
+    p, xs, ws = jax.device_put((p, xs, ws))
+
+    def loss(p_, xs_, w, w2, w3):
+        hs, (h, c) = forward(p_, xs_)
+        return jnp.sum(hs * w) + jnp.sum(h * w2) + jnp.sum(c * w3)
+
+    return _compiled_variant(f"{impl}:{option}", None, loss, forward, p, xs, ws)
+
+
+def bench_options(
+    shapes: Sequence[Shape],
+    options: Sequence[str] = OPTIONS,
+    *,
+    warmup: int = 2,
+    reps: int | None = None,
+    seconds: float = 40.0,
+) -> dict:
+    """Train-step time and temp memory of every option for ``lstm`` and ``lstm_ref``, interleaved per shape."""
+    results = []
+    for shape in shapes:
+        variants = [
+            option_variant(fn, opt, shape, impl)
+            for opt in options
+            for impl, fn in (("manual", lstm), ("autodiff", lstm_ref))
+        ]
+        records = bench_shape(shape, variants, warmup=warmup, reps=reps, seconds=seconds)
+        by = {r["impl"]: r for r in records}
+        plain = by["manual:plain"]
+        rows = []
+        for opt in options:
+            m, a = by[f"manual:{opt}"], by[f"autodiff:{opt}"]
+            rows.append(
+                dict(
+                    option=opt,
+                    manual_ms=m["train_ms"],
+                    autodiff_ms=a["train_ms"],
+                    time_ratio=m["train_ms"] / plain["train_ms"],
+                    memory_ratio=_ratio(m["temp_bytes"], plain["temp_bytes"]),
+                    manual_temp_mib=None if m["temp_bytes"] is None else m["temp_bytes"] / 2**20,
+                    speedup_vs_autodiff=a["train_ms"] / m["train_ms"],
+                )
+            )
+        results.append(dict(shape=list(shape), rows=rows))
+        print(f"timed {shape}: " + ", ".join(f"{r['option']} x{r['time_ratio']:.2f}" for r in rows), file=sys.stderr)
+    summary = {}
+    for opt in options:
+        rows = [next(r for r in res["rows"] if r["option"] == opt) for res in results]
+        summary[opt] = {
+            key: _geomean([r[key] for r in rows if r[key] is not None])
+            for key in ("time_ratio", "memory_ratio", "speedup_vs_autodiff")
+        }
+    return dict(results=results, summary=summary, targets=OPTION_TARGETS)
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def render_options_table(report: dict) -> str:
+    """The option rows as a Markdown table, plus the geometric means and their targets."""
+    lines = [
+        "| shape (T, B, D, H) | option | manual ms | autodiff ms | x plain time | x plain temp "
+        "| speed-up vs autodiff |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for res in report["results"]:
+        for r in res["rows"]:
+            lines.append(
+                f"| {tuple(res['shape'])} | {r['option']} | {r['manual_ms']:.1f} | {r['autodiff_ms']:.1f} | "
+                f"{r['time_ratio']:.2f} | {_fmt(r['memory_ratio'], '.2f')} | {r['speedup_vs_autodiff']:.2f} |"
+            )
+    lines += ["", "geometric mean over shapes:", "", "| option | x plain time | x plain temp | speed-up vs autodiff |"]
+    lines.append("|---|---|---|---|")
+    plain_speedup = report["summary"].get("plain", {}).get("speedup_vs_autodiff")
+    for opt, s in report["summary"].items():
+        lines.append(
+            f"| {opt} | {_fmt(s['time_ratio'], '.2f')} | {_fmt(s['memory_ratio'], '.2f')} | "
+            f"{_fmt(s['speedup_vs_autodiff'], '.2f')} |"
+        )
+    t = report["targets"]
+    lines.append(
+        f"\ntargets: each option <= {t['time_ratio']:.2f}x the plain train step's time and <= {t['memory_ratio']:.2f}x "
+        f"its temp memory; its speed-up over autodiff with the same option >= the plain layer's "
+        f"({_fmt(plain_speedup, '.2f')})"
+    )
+    return "\n".join(lines)
+
+
+def _options_main(args, argv) -> int:
+    """``jax-lstm bench --options``: only the option rows."""
+    if args.quick:
+        shapes, reps, warmup = list(args.shape or QUICK_SHAPES), args.reps or 3, 1
+    else:
+        shapes = list(args.shape or []) if args.only_shapes else list(DEFAULT_SHAPES) + list(args.shape or [])
+        reps, warmup = args.reps, args.warmup
+    if not shapes:
+        raise SystemExit("jax-lstm bench: error: no shapes: --only-shapes needs at least one --shape")
+    t_start = time.perf_counter()
+    report = bench_options(shapes, warmup=warmup, reps=reps, seconds=args.seconds)
+    report.update(
+        machine=_machine(),
+        command="jax-lstm bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        wall_s=time.perf_counter() - t_start,
+    )
+    print(render_options_table(report))
+    print(f"\n(total {report['wall_s']:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
 def _shape(s: str) -> Shape:
     try:
         t = tuple(int(v) for v in s.split(","))
@@ -938,9 +1108,17 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: the train step of features -> LSTM -> dense with the Flax NNX, Flax Linen and Equinox "
         "LSTMs against jax_lstm's modules for them",
     )
+    ap.add_argument(
+        "--options",
+        action="store_true",
+        help="instead: the train step of lstm and lstm_ref with a mask, resets, recurrent dropout, batch-major "
+        "input and under vmap, against the plain layer",
+    )
     args = ap.parse_args(argv)
     if args.models:
         return _models_main(args, argv)
+    if args.options:
+        return _options_main(args, argv)
 
     if args.quick:
         shapes = list(args.shape or QUICK_SHAPES)

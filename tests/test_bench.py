@@ -105,3 +105,27 @@ def test_quick_run_writes_table_json_and_png(tmp_path, capsys):
 def test_bad_shape_flag_is_an_argparse_error():
     with pytest.raises(SystemExit):
         bench.main(["--shape", "1,2,3"])
+
+
+def test_option_rows_compare_the_same_computation_and_render(tmp_path, capsys):
+    import jax
+    import numpy as np
+
+    from jax_lstm import lstm, lstm_ref
+
+    shape = (5, 3, 2, 4)
+    for option in bench.OPTIONS:
+        v_manual = bench.option_variant(lstm, option, shape, "manual")
+        v_ref = bench.option_variant(lstm_ref, option, shape, "autodiff")
+        # the manual and autodiff train steps of one option return the same gradients
+        g_manual, g_ref = v_manual.train(), v_ref.train()
+        for a, b in zip(jax.tree.leaves(g_manual), jax.tree.leaves(g_ref), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=option)
+    with pytest.raises(ValueError, match="option must be one of"):
+        bench.option_variant(lstm, "nope", shape, "manual")
+    out = tmp_path / "options.json"
+    assert bench.main(["--options", "--quick", "--reps", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["option"] for r in report["results"][0]["rows"]] == list(bench.OPTIONS)
+    assert report["summary"]["plain"]["time_ratio"] == pytest.approx(1.0)
+    assert "x plain time" in capsys.readouterr().out
