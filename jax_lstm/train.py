@@ -454,7 +454,7 @@ def _resume_config(config: TrainConfig, ckpt: Path) -> TrainConfig:
     saved = _config_from_header(checkpoint.read_header(ckpt))
     enable_x64_if(saved.dtype)
     try:
-        saved.resolved()
+        saved = saved.resolved()  # an older checkpoint's missing fields take their defaults
     except (ValueError, TypeError) as e:
         raise checkpoint.CheckpointError(f"checkpoint {ckpt} has an invalid config: {e}") from None
     conflicts = [
