@@ -10,9 +10,11 @@
 #    gets wrong, with the measured error of each literal rule;
 # 3. compares the whole-sequence gradients of `lstm` and `lstm_ref` for every input, in float32 and float64,
 #    and against finite differences;
-# 4. shows what BPTT does over time: how dL/dh_t and dL/dc_t shrink or grow going back in time;
-# 5. measures speed and compiled memory of a manual and an autodiff train step;
-# 6. trains a small model with both gradients and gets the same loss curve.
+# 4. goes beyond the seed: derives the extra terms of the rules for step masks, state resets and recurrent
+#    dropout, checks them against autodiff, and shows what they do to the Jacobian d hs / d xs;
+# 5. shows what BPTT does over time: how dL/dh_t and dL/dc_t shrink or grow going back in time;
+# 6. measures speed and compiled memory of a manual and an autodiff train step;
+# 7. trains a small model with both gradients and gets the same loss curve.
 #
 # The notebook imports `jax_lstm` and never re-implements its forward math; the only LSTM algebra written
 # here is the seed's list of backward rules in section 2, since that list is what is being checked.
@@ -21,6 +23,7 @@
 # does this); the stored outputs come from a full run.
 
 # %%
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -508,7 +511,232 @@ for n in range(3):
 # the two for this problem.
 
 # %% [markdown]
-# ## 4. What BPTT does over time
+# ## 4. Beyond the seed: step masks, resets and recurrent dropout
+#
+# The seed's rules are for a step that always runs, always starts from the state the previous step left and
+# multiplies W by h_{t-1} as it is. `lstm` (and `lstm_ref`, with the same meaning) takes three keyword options
+# that change each of these, per time step and per batch row:
+#
+# * `mask` (T, B) bool, written $m_t \in \{0, 1\}$: where it is 0 step t is **skipped**;
+# * `resets` (T, B) bool, $r_t$: where it is 1 the state is set to `state0` $= (h_0, c_0)$ just before step t
+#   is visited, whether step t then runs or is skipped;
+# * `recurrent_dropout` p with `key`: one keep mask $k \in \{0, 1\}^{B \times H}$ per sequence, drawn as
+#   `jax.random.bernoulli(key, 1 - p, (B, H))`, scaled to $\kappa = k / (1 - p)$, the same at every step and
+#   for all four gates. It applies to h_{t-1} in $h_{t-1} W$ only; the carried state and the output are not
+#   dropped.
+#
+# $m_t$ and $r_t$ act on each row separately ((B, 1) columns below, broadcast over the H units). "Step t − 1"
+# is the step visited before step t: step t + 1 with `reverse=True`; before the first step the state is
+# $(h_{-1}, c_{-1}) = (h_0, c_0)$. With the section-1 cell written as $\mathrm{cell}(z_t, c) \to (\hat c_t, \hat h_t)$,
+# one step is
+#
+# $$\bar h_{t-1} = r_t\, h_0 + (1 - r_t)\, h_{t-1}, \qquad \bar c_{t-1} = r_t\, c_0 + (1 - r_t)\, c_{t-1}
+#   \qquad \text{(the state entering step t)}$$
+# $$z_t = (\bar h_{t-1} \odot \kappa)\, W + x_t U + b, \qquad (\hat c_t, \hat h_t) = \mathrm{cell}(z_t, \bar c_{t-1})$$
+# $$c_t = m_t\, \hat c_t + (1 - m_t)\, \bar c_{t-1}, \qquad h_t = m_t\, \hat h_t + (1 - m_t)\, \bar h_{t-1},
+#   \qquad y_t = m_t\, \hat h_t$$
+#
+# where $y_t$ is the output `hs[t]` and $(h_t, c_t)$ the state carried on. Going backwards, step t receives
+# $\delta h_t = \partial L / \partial h_t$ and $\delta c_t = \partial L / \partial c_t$ from the step after it
+# (the cotangents of the final state at the last step) and $dy_t$, the cotangent of `hs[t]`. It must produce
+# the errors of the entering state, $\partial L / \partial \bar h_{t-1}$ and $\partial L / \partial \bar c_{t-1}$,
+# its pre-activation error $dz_t$ and its shares of dW, dU, db, dx_t.
+#
+# **Step mask.** At a step that runs ($m_t = 1$) the (corrected) rules of section 2 apply unchanged, with
+# δ1 = $dy_t$, δ2 = $\delta h_t$, δ4 = $\delta c_t$. At a skipped step ($m_t = 0$) the output is the constant 0,
+# so its cotangent $dy_t$ is dropped; nothing of the cell is used, so $dz_t = 0$ and the step adds nothing to
+# dW, dU, db, and its input's gradient $dx_t = dz_t U^\top$ is zero; the state passes through, and so does its
+# error:
+#
+# $$\frac{\partial L}{\partial \bar h_{t-1}} = m_t \big[(dz_t W^\top) \odot \kappa\big] + (1 - m_t)\, \delta h_t,
+#   \qquad \frac{\partial L}{\partial \bar c_{t-1}} = m_t\, (\delta_8 \odot f_t) + (1 - m_t)\, \delta c_t,
+#   \qquad dz_t = m_t\, dz_t^{\text{cell}},$$
+#
+# with $\delta_8 = \delta c_t + (dy_t + \delta h_t) \odot o_t \odot (1 - \tanh^2 c_t)$ the corrected δ8 and
+# $dz_t^{\text{cell}}$ the corrected δ16, δ15, δ14, δ13 side by side. `bptt.py` gets the second equation
+# without a branch: at a skipped step the forward stores zero gate coefficients and $f_t = 1$ for it, so
+# δ11 = δ8 · f_t is $\delta c_t$ itself.
+#
+# **Resets.** $\bar h_{t-1}$ depends on $h_{t-1}$ with the factor $1 - r_t$ and on $h_0$ with the factor $r_t$,
+# so the error reaching the entering state goes either to step t − 1 or to `state0`, never to both:
+#
+# $$\delta h_{t-1} = (1 - r_t)\, \frac{\partial L}{\partial \bar h_{t-1}}, \qquad
+#   \frac{\partial L}{\partial h_0} = \sum_t s_t\, \frac{\partial L}{\partial \bar h_{t-1}},
+#   \qquad s_t = 1 \text{ at the first visited step and where } r_t = 1, \text{ else } 0,$$
+#
+# and the same for $c$. No gradient crosses a reset, and the gradient of `state0` is a sum over the start of the
+# row and every reset in it. A reset at a skipped step hands $\delta h_t$, which passed through the skipped step,
+# to `state0`.
+#
+# **Recurrent dropout.** At a step that runs, $\bar h_{t-1}$ enters only through $z_t$, as
+# $\bar h_{t-1} \odot \kappa$, and κ is a constant (no gradient reaches the key). So the seed's δ25 is multiplied
+# by κ, and W's gradient uses the vector W actually multiplied:
+#
+# $$\frac{\partial L}{\partial \bar h_{t-1}} = (dz_t W^\top) \odot \kappa, \qquad
+#   dW = \sum_t (\bar h_{t-1} \odot \kappa)^\top dz_t .$$
+#
+# **Which h_{t-1} goes into dW.** Without options $\bar h_{t-1}$ is `hs[t-1]`. With a mask it is not: a skipped
+# step's output is 0, while the state it carries is the output of the last step that *ran* before t. So
+# $\bar h_{t-1}$ is that output, or $h_0$ when no step has run since the start or since the latest reset.
+# (Skipped steps have $dz_t = 0$ and contribute nothing whatever $\bar h_{t-1}$ is.) `bptt.py` finds it for all
+# t at once after the backward loop (`_entering_h`: a running maximum, over the visit order, of the position of
+# the latest step that ran or reset), so the loop itself carries nothing extra.
+#
+# | term | seed (corrected), plain step | with mask $m_t$, reset $r_t$, dropout κ |
+# |---|---|---|
+# | $dy_t$ (δ1) | cotangent of `hs[t]` | $m_t\, dy_t$ |
+# | $dz_t$ (δ16, δ15, δ14, δ13) | from δ3, δ8 | $m_t\, dz_t^{\text{cell}}$ |
+# | error of the entering h | δ25 $= dz_t W^\top$ | $m_t\, (dz_t W^\top) \odot \kappa + (1 - m_t)\, \delta h_t$ |
+# | error of the entering c | δ11 $= \delta_8 \odot f_t$ | $m_t\, \delta_8 \odot f_t + (1 - m_t)\, \delta c_t$ |
+# | $\delta h_{t-1}$, $\delta c_{t-1}$ | the two above | $(1 - r_t)$ times the two above |
+# | $dh_0$, $dc_0$ | at the first step | $\sum_t s_t$ (first step and every reset) of the two above |
+# | $dW$ | $\sum_t h_{t-1}^\top dz_t$ | $\sum_t (\bar h_{t-1} \odot \kappa)^\top dz_t$, $\bar h_{t-1}$ as carried |
+# | $dU$, $db$, $dx_t$ | $\sum_t x_t^\top dz_t$, $\sum_t dz_t$, $dz_t U^\top$ | the same ($dz_t = 0$ at skipped steps) |
+#
+# **Check against autodiff.** `lstm` implements the right column, `lstm_ref` is a plain scan over the cell with
+# the three options written into its forward (a `where` per step, the state replaced by `state0`, h multiplied
+# by κ) and differentiated by JAX. Random cotangents on `hs`, $h_T$ and $c_T$, float64, a few random patterns:
+
+# %%
+TM, BM, DM, HM = 9, 4, 2, 3
+km = jax.random.split(jax.random.PRNGKey(11), 8)
+pm = jl.init_params(km[0], DM, HM, dtype=F64)
+pm = LSTMParams(*(a + 0.3 * jax.random.normal(k, a.shape, F64) for a, k in zip(pm, km[1:4], strict=True)))
+xsm = jax.random.normal(km[4], (TM, BM, DM), F64)
+s0m = LSTMState(*(jax.random.normal(k, (BM, HM), F64) for k in km[5:7]))
+# patterns with a skipped first step, runs of skipped steps, a reset at a skipped step and a row with no event
+mask_m = jax.random.bernoulli(km[7], 0.6, (TM, BM)).at[0, 0].set(False).at[:, 3].set(True)
+resets_m = jnp.zeros((TM, BM), bool).at[4, 0].set(True).at[2, 1].set(True).at[6, 1].set(True).at[5, 2].set(True)
+mask_m = mask_m.at[5, 2].set(False)  # row 2: the reset at step 5 falls on a skipped step
+print("mask (rows = batch, 1 = step runs):\n", np.asarray(mask_m.T, int))
+print("resets (rows = batch):\n", np.asarray(resets_m.T, int))
+
+dropout = {"recurrent_dropout": 0.4, "key": jax.random.PRNGKey(12)}
+options = {
+    "mask": {"mask": mask_m},
+    "resets": {"resets": resets_m},
+    "recurrent dropout p=0.4": dropout,
+    "all three": {"mask": mask_m, "resets": resets_m, **dropout},
+    "all three, reverse": {"mask": mask_m, "resets": resets_m, "reverse": True, **dropout},
+}
+names = {"W": "W", "U": "U", "b": "b", "xs": "xs", "h0": "state0.h", "c0": "state0.c"}
+rows = []
+for label, opts in options.items():
+    out_m, grads_m = vjp_all(jax.jit(functools.partial(jl.lstm, **opts)), pm, xsm, s0m, seed=13)
+    out_r, grads_r = vjp_all(jax.jit(functools.partial(jl.lstm_ref, **opts)), pm, xsm, s0m, seed=13)
+    errors = {name: max_rel(grads_m[name], grads_r[name]) for name in names}
+    rows.append([label, f"{max(map(max_abs, out_m, out_r)):.1e}", *(f"{e:.1e}" for e in errors.values())])
+    print(f"{label:24s} max rel error: " + "  ".join(f"{names[n]} {e:.1e}" for n, e in errors.items()))
+    assert max(map(max_abs, out_m, out_r)) < 1e-12, label
+    assert max(errors.values()) < 1e-10, (label, errors)
+display(md_table(["options", "values, max abs error", *(f"d {n}, max rel error" for n in names.values())], rows))
+
+# %% [markdown]
+# Every gradient agrees to the rounding of float64, for each option alone and for all three together, in
+# both directions of travel.
+#
+# ### What the extra terms do
+#
+# Four consequences of the rules, measured on `lstm`'s own gradient (no autodiff of the forward involved):
+#
+# * **No gradient crosses a reset.** With a reset at step r, `hs[t]` for t ≥ r does not depend on `xs[s]` for
+#   s < r, so the Jacobian block d hs[t>=r] / d xs[s<r] must be exactly zero, not merely small: the backward
+#   multiplies the error entering step r by $1 - r_t = 0$.
+# * **A skipped step passes everything through and takes nothing.** Its row of the Jacobian (its output is the
+#   constant 0) and its column (its input is never read) are exactly zero, while the steps on either side of it
+#   stay connected.
+# * **`state0`'s gradient sums over the start and every reset.** Cutting the sequence at the reset into segments
+#   that each start from `state0` gives the same outputs, and the gradient of `state0` is the sum of the
+#   segments' gradients.
+# * **Dropout removes units from W's input.** For one sequence (B = 1), $(h \odot \kappa) W = h\,(\mathrm{diag}(\kappa) W)$:
+#   the rows of dW that belong to dropped units are exactly zero.
+
+# %%
+TJ, DJ, HJ, RJ = 10, 1, 3, 6  # one sequence, one input feature, reset at step RJ
+kj = jax.random.split(jax.random.PRNGKey(21), 5)
+pj = jl.init_params(kj[0], DJ, HJ, dtype=F64)
+pj = LSTMParams(*(a + 0.5 * jax.random.normal(k, a.shape, F64) for a, k in zip(pj, kj[1:4], strict=True)))
+xsj = jax.random.normal(kj[4], (TJ, 1, DJ), F64)
+skipped = (3, 4)
+cases = {
+    "no options": {},
+    f"steps {skipped[0]}, {skipped[1]} skipped": {"mask": jnp.ones((TJ, 1), bool).at[skipped, 0].set(False)},
+    f"reset at step {RJ}": {"resets": jnp.zeros((TJ, 1), bool).at[RJ, 0].set(True)},
+}
+
+
+def step_jacobian(opts):
+    """|d hs[t] / d xs[s]| (T, T), summed over units and features, from lstm's hand-written backward."""
+    jac = jax.jacrev(lambda xs: jl.lstm(pj, xs, **opts)[0])(xsj)  # (T, 1, H, T, 1, D)
+    return np.abs(np.asarray(jac)).sum(axis=(1, 2, 4, 5))
+
+
+jacs = {label: step_jacobian(opts) for label, opts in cases.items()}
+fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), layout="constrained")
+for ax, (label, jac) in zip(axes, jacs.items(), strict=True):
+    shown = np.where(jac > 0, jac, np.nan)  # exact zeros blank
+    im = ax.imshow(np.log10(shown), cmap="viridis", vmin=-3, vmax=0.5, origin="upper")
+    ax.set_title(label, fontsize=10)
+    ax.set_xlabel("s (input xs[s])")
+    ax.set_ylabel("t (output hs[t])")
+fig.colorbar(im, ax=axes, shrink=0.8, label="log10 |d hs[t] / d xs[s]| (blank: exactly 0)")
+plt.show()
+
+jac_plain, jac_mask, jac_reset = jacs.values()
+print("no options, d hs[t] / d xs[s] for s > t (the future):", jac_plain[np.triu_indices(TJ, 1)].max())
+print(f"reset at {RJ}: max |d hs[t>={RJ}] / d xs[s<{RJ}]| =", jac_reset[RJ:, :RJ].max())
+print(f"     without the reset the same block reaches {jac_plain[RJ:, :RJ].max():.2e}")
+across = jac_mask[skipped[1] + 1, skipped[0] - 1]  # output after the skipped steps, input before them
+print(f"skipped steps: their rows {jac_mask[list(skipped)].max()}, their columns {jac_mask[:, list(skipped)].max()}")
+print(f"     across them: |d hs[{skipped[1] + 1}] / d xs[{skipped[0] - 1}]| = {across:.2e}")
+assert jac_reset[RJ:, :RJ].max() == 0.0 and jac_plain[RJ:, :RJ].min() > 0.0
+assert jac_mask[list(skipped)].max() == 0.0 and jac_mask[:, list(skipped)].max() == 0.0
+assert across > 0.0
+
+# state0's gradient sums over the start and every reset: the same run as two segments from state0
+s0j = LSTMState(*(jax.random.normal(k, (1, HJ), F64) for k in jax.random.split(jax.random.PRNGKey(22), 2)))
+cts = (jax.random.normal(jax.random.PRNGKey(23), (TJ, 1, HJ), F64),)
+cts += tuple(jax.random.normal(k, (1, HJ), F64) for k in jax.random.split(jax.random.PRNGKey(24), 2))
+
+
+def pairing(outputs):
+    """⟨cotangent, (hs, h_T, c_T)⟩."""
+    hs, (h, c) = outputs
+    return sum(jnp.vdot(a, b) for a, b in zip((hs, h, c), cts, strict=True))
+
+
+def with_reset(s0):
+    return pairing(jl.lstm(pj, xsj, s0, resets=cases[f"reset at step {RJ}"]["resets"]))
+
+
+def as_segments(s0_first, s0_second):
+    hs1, _ = jl.lstm(pj, xsj[:RJ], s0_first)
+    hs2, final = jl.lstm(pj, xsj[RJ:], s0_second)
+    return pairing((jnp.concatenate([hs1, hs2]), final))
+
+
+g_reset = jax.grad(with_reset)(s0j)
+g_first, g_second = jax.grad(as_segments, argnums=(0, 1))(s0j, s0j)
+print(f"L with the reset {float(with_reset(s0j)):+.12f} | as two segments {float(as_segments(s0j, s0j)):+.12f}")
+gap = max(max_abs(a, b1 + b2) for a, b1, b2 in zip(g_reset, g_first, g_second, strict=True))
+print(f"max |d state0 with the reset − (d state0 of segment 1 + d state0 of segment 2)| = {gap:.1e}")
+assert gap < 1e-12
+
+# recurrent dropout, B = 1: the rows of dW of dropped units are exactly zero
+keep_j = jax.random.bernoulli(jax.random.PRNGKey(25), 1 - 0.5, (1, HJ))
+dW_drop = jax.grad(lambda p: pairing(jl.lstm(p, xsj, s0j, recurrent_dropout=0.5, key=jax.random.PRNGKey(25))))(pj).W
+print("keep mask:", np.asarray(keep_j[0], int), "| max |dW| per row (unit):", np.abs(np.asarray(dW_drop)).max(axis=1))
+assert np.all((np.abs(np.asarray(dW_drop)).max(axis=1) == 0) == ~np.asarray(keep_j[0]))
+
+# %% [markdown]
+# The blank upper triangle of the first panel is causality; the other two show the new terms at work. Across a
+# reset the block below the diagonal is blank: the gradient is not small there but exactly zero, because the
+# backward hands everything that reaches the entering state at the reset to `state0`. Around the skipped steps,
+# their rows and columns are blank, yet the output after them still depends on the input before them: the state
+# and its error pass through a skipped step untouched.
+
+# %% [markdown]
+# ## 5. What BPTT does over time
 #
 # Going from step t+1 back to step t, the backward pass carries two errors: δ2 = dL/dh_t (the δ25 of step t+1)
 # and δ4 = dL/dc_t through c_{t+1} (the δ11 of step t+1). To watch them, put a loss on the last hidden state
@@ -583,7 +811,7 @@ plt.show()
 # gradient norms.
 
 # %% [markdown]
-# ## 5. Speed and memory of a train step
+# ## 6. Speed and memory of a train step
 #
 # A train step's gradient, `jax.value_and_grad` of a mean-squared loss on all outputs, with the manual BPTT
 # (`lstm`) and with autodiff (`lstm_ref`), float32, jit-compiled. Time is the median of several calls after a
@@ -652,7 +880,7 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 6. Training with both gradients
+# ## 7. Training with both gradients
 #
 # A toy sequence task: the target at step t is the first input feature three steps earlier,
 # y_t = x_{t-3}[0] (zero for t < 3), read out from h_t by a linear head. The same model is trained with Adam
