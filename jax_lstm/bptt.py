@@ -149,8 +149,11 @@ def lstm(
 # themselves. (A custom_vjp that is vmapped instead forms one weight gradient per example and sums
 # them afterwards: N times the memory and a batched matmul per weight.)
 
-_CORE_ROWS = (_W := "weight", _W, _W, ("rows", 1), ("rows", 0), ("rows", 0), ("rows", 1), ("rows", 1), ("rows", 0))
-_CORE_OUT_ROWS = (("rows", 1), ("rows", 0), ("rows", 0))
+# How each argument and output meets the batch rows: a weight (never folded), a row array with its batch
+# axis (xs: 1, h0: 0, ...), or a residual: a row array that only our own backward reads.
+_W, _R, _S = "weight", "rows", "residual"
+_CORE_ARGS = (_W, _W, _W, (_R, 1), (_R, 0), (_R, 0), (_R, 1), (_R, 1), (_R, 0))  # W, U, b, xs, h0, c0, mask, ...
+_CORE_OUTS = ((_R, 1), (_R, 0), (_R, 0))  # hs, h_T, c_T
 
 
 def _run_core(args, reverse, unroll):
@@ -190,9 +193,9 @@ def _vmapped_core(reverse, unroll):
         if weights_mapped or any(_under_explicit_mesh(a) for a in args if a is not None):
             axes = [0 if b else None for b in in_batched]
             return jax.vmap(lambda *a: _lstm_core(*a, reverse, unroll), in_axes=axes)(*args), (True, True, True)
-        folded = [_fold(a, k, b, n) for a, k, b in zip(args, _CORE_ROWS, in_batched, strict=True)]
+        folded = [_fold(a, k, b, n) for a, k, b in zip(args, _CORE_ARGS, in_batched, strict=True)]
         out = _run_core(tuple(folded), reverse, unroll)
-        return tuple(_unfold(a, k, n, 1) for a, k in zip(out, _CORE_OUT_ROWS, strict=True)), (True, True, True)
+        return tuple(_unfold(a, k, n, 1) for a, k in zip(out, _CORE_OUTS, strict=True)), (True, True, True)
 
     return core
 
@@ -448,13 +451,10 @@ def _contract(spec, a, b_, like, acc):
     placed as the weight is (replicated when the weight is not on the mesh),
     which is what a data-parallel step sums into.
     """
-    out_sharding = None
-    mesh = getattr(jax.typeof(a).sharding, "mesh", None)
-    if mesh is not None and not mesh.empty and AxisType.Explicit in tuple(mesh.axis_types):
-        mine = jax.typeof(like).sharding
-        out_sharding = mine if not mine.mesh.empty else NamedSharding(mesh, PartitionSpec())
-    if out_sharding is None:
+    if not _under_explicit_mesh(a):
         return jnp.einsum(spec, a, b_, preferred_element_type=acc)
+    mine = jax.typeof(like).sharding
+    out_sharding = mine if not mine.mesh.empty else NamedSharding(jax.typeof(a).sharding.mesh, PartitionSpec())
     return jnp.einsum(spec, a, b_, preferred_element_type=acc, out_sharding=out_sharding)
 
 
@@ -468,16 +468,11 @@ def _contract(spec, a, b_, like, acc):
 # reads them undoes the same reshape. When a weight is mapped too (an ensemble), the kernel is
 # vmapped as it is: correct, and as fast as XLA's batched loops.
 
-_R, _S = "rows", "residual"
 _ARGS = {
-    "forward": ((_W, _W, _W, (_R, 1), (_R, 0), (_R, 0), (_R, 1), (_R, 1), (_R, 0)), ((_R, 1), (_R, 0), (_R, 0))),
-    "forward_saving": (
-        (_W, _W, _W, (_R, 1), (_R, 0), (_R, 0), (_R, 1), (_R, 1), (_R, 0)),
-        (((_R, 1), (_R, 0), (_R, 0)), ((_S, 1), (_S, 1))),
-    ),
-    "backward": (
-        (_W, _W, _W, (_R, 1), (_R, 0), (_R, 0), (_R, 1), (_R, 1), (_R, 0))
-        + ((_R, 1), (_S, 1), (_S, 1), (_R, 1), (_R, 0), (_R, 0)),
+    "forward": (_CORE_ARGS, _CORE_OUTS),
+    "forward_saving": (_CORE_ARGS, (_CORE_OUTS, ((_S, 1), (_S, 1)))),  # + residuals coef, dcdh_f
+    "backward": (  # + hs, coef, dcdh_f, dhs, dh_T, dc_T -> dW, dU, db, dxs, dh0, dc0
+        _CORE_ARGS + ((_R, 1), (_S, 1), (_S, 1), (_R, 1), (_R, 0), (_R, 0)),
         (_W, _W, _W, (_R, 1), (_R, 0), (_R, 0)),
     ),
 }
