@@ -37,9 +37,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jax_lstm.cell import LSTMState, cell_update, gate_activations, make_varying, split_gates, varying_axes
+from jax_lstm.cell import (
+    LSTMState,
+    cell_update,
+    gate_activations,
+    make_varying,
+    on_explicit_mesh,
+    split_gates,
+    varying_axes,
+)
 from jax_lstm.reference import prepare
 
 __all__ = ["lstm"]
@@ -190,7 +198,7 @@ def _vmapped_core(reverse, unroll):
     @core.def_vmap
     def rule(n, in_batched, *args):
         weights_mapped = any(in_batched[:3])
-        if weights_mapped or any(_under_explicit_mesh(a) for a in args if a is not None):
+        if weights_mapped or any(on_explicit_mesh(a) for a in args if a is not None):
             axes = [0 if b else None for b in in_batched]
             return jax.vmap(lambda *a: _lstm_core(*a, reverse, unroll), in_axes=axes)(*args), (True, True, True)
         folded = [_fold(a, k, b, n) for a, k, b in zip(args, _CORE_ARGS, in_batched, strict=True)]
@@ -380,8 +388,6 @@ def _backward(W, U, b, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh
     H = G // 4
     axes = varying_axes(W, U, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T)
     dhs = dhs.astype(acc)
-    if mask is not None:  # a skipped step's output is the constant zero: its cotangent goes nowhere
-        dhs = jnp.where(mask[..., None], dhs, jnp.zeros_like(dhs))
     W_T = W.T  # (4H, H), transposed once: a plain matmul in the loop is faster than a transposed one
 
     def body(k, carry):
@@ -400,8 +406,9 @@ def _backward(W, U, b, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh
         if keep is not None:  # recurrent dropout: h_{t-1} entered h @ W as h_{t-1} * keep
             dh_prev = dh_prev * keep
         dc_prev = dc * f  # seed δ11 = δ8 · f
-        if mask is not None:  # skipped step: the hidden state passed through untouched
-            dh_prev = jnp.where(row(mask)[:, None], dh_prev, dh)
+        if mask is not None:  # skipped step: the hidden state passed through untouched, and the step's
+            # output is the constant zero, so its cotangent dh_out goes nowhere (dz is zero there too)
+            dh_prev = jnp.where(row(mask)[:, None], dh_prev, dh_next)
         if resets is not None:  # a reset: what reached the entering state belongs to state0, not to step t-1
             r = row(resets)[:, None]
             dh0 = dh0 + jnp.where(r, dh_prev, jnp.zeros_like(dh_prev))
@@ -424,8 +431,8 @@ def _backward(W, U, b, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh
     # seed: δW = Σ_t h_{t-1}^T * δ13..16 and δU = Σ_t x_t^T * δ13..16; the seed has no bias, its
     # gradient is Σ_t dz_t. Per group when the rows are several problems stacked.
     if groups == 1:
-        dW = _contract("tbh,tbg->hg", h_in.astype(W.dtype), dz.astype(W.dtype), W, acc)
-        dU = _contract("tbd,tbg->dg", xs.astype(U.dtype), dz.astype(U.dtype), U, acc)
+        dW = _contract(h_in.astype(W.dtype), dz.astype(W.dtype), W, acc)
+        dU = _contract(xs.astype(U.dtype), dz.astype(U.dtype), U, acc)
         db = dz.sum(axis=(0, 1))
     else:
         split = lambda a, dtype: a.reshape(T, groups, B // groups, a.shape[-1]).astype(dtype)  # noqa: E731
@@ -444,18 +451,22 @@ def _backward(W, U, b, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh
     )
 
 
-def _contract(spec, a, b_, like, acc):
-    """A weight gradient: a contraction over every (t, b) row, shaped and sharded like ``like``.
+def _contract(a, b_, like, acc):
+    """A weight gradient, a^T b over every (t, b) row: (T, B, m), (T, B, n) -> (m, n), placed like ``like``.
 
-    On a mesh with Explicit axes, where the rows are sharded, the result is
-    placed as the weight is (replicated when the weight is not on the mesh),
-    which is what a data-parallel step sums into.
+    The rows are flattened first so that XLA contracts one leading axis of
+    both operands in place (a two-axis contraction makes it copy one of them
+    transposed). On a mesh with Explicit axes, where the batch axis is sharded
+    and cannot be flattened, the result is placed as the weight is (replicated
+    when the weight is on no mesh), which is what a data-parallel step sums into.
     """
-    if not _under_explicit_mesh(a):
-        return jnp.einsum(spec, a, b_, preferred_element_type=acc)
+    if not on_explicit_mesh(a):
+        T, B = a.shape[:2]
+        rows = lambda x: x.reshape(T * B, x.shape[-1])  # noqa: E731
+        return jax.lax.dot_general(rows(a), rows(b_), (((0,), (0,)), ((), ())), preferred_element_type=acc)
     mine = jax.typeof(like).sharding
     out_sharding = mine if not mine.mesh.empty else NamedSharding(jax.typeof(a).sharding.mesh, PartitionSpec())
-    return jnp.einsum(spec, a, b_, preferred_element_type=acc, out_sharding=out_sharding)
+    return jnp.einsum("tbm,tbn->mn", a, b_, preferred_element_type=acc, out_sharding=out_sharding)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -495,7 +506,7 @@ def _folded(raw, in_kinds, out_kinds, with_groups, groups):
     @fast.def_vmap
     def rule(n, in_batched, *args):
         weights_mapped = any(b for b, k in zip(in_batched, in_kinds, strict=True) if k == _W)
-        if weights_mapped or any(_under_explicit_mesh(a) for a in args if a is not None):
+        if weights_mapped or any(on_explicit_mesh(a) for a in args if a is not None):
             axes = [0 if b else None for b in in_batched]
             out = jax.vmap(raw, in_axes=axes)(*args)
             return out, jax.tree.map(lambda _: True, out)
@@ -522,11 +533,6 @@ def _folded(raw, in_kinds, out_kinds, with_groups, groups):
     return kernel
 
 
-def _under_explicit_mesh(a) -> bool:
-    mesh = getattr(jax.typeof(a).sharding, "mesh", None)
-    return mesh is not None and not mesh.empty and AxisType.Explicit in tuple(mesh.axis_types)
-
-
 def _fold(a, kind, batched, n):
     """One argument of an (N-mapped) kernel call, as an argument of the N * B-row call."""
     if a is None or kind == _W:
@@ -550,4 +556,3 @@ def _unfold(a, kind, n, groups):
     if tag == _S:  # read only by our backward, which undoes this reshape: no transpose
         return a.reshape(n, *a.shape[:axis], a.shape[axis] // n, *a.shape[axis + 1 :])
     return jnp.moveaxis(a.reshape(split), axis, 0)
-

@@ -40,6 +40,7 @@ __all__ = [
     "check_recurrent_dropout",
     "varying_axes",
     "make_varying",
+    "on_explicit_mesh",
 ]
 
 
@@ -117,7 +118,9 @@ def gate_activations(z: jax.Array) -> jax.Array:
     All four blocks go through one ``tanh``: sigmoid(x) = 0.5 + 0.5 * tanh(x / 2).
     """
     H = z.shape[-1] // 4
-    is_g = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) // H == 2
+    # on a mesh with Explicit axes the selector must be sharded as z is
+    placed = {"out_sharding": jax.typeof(z).sharding} if on_explicit_mesh(z) else {}
+    is_g = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1, **placed) // H == 2
     t = jnp.tanh(jnp.where(is_g, z, 0.5 * z))
     return jnp.where(is_g, t, 0.5 + 0.5 * t)
 
@@ -285,3 +288,9 @@ def make_varying(a, axes: frozenset):
     """
     missing = tuple(sorted(axes - varying_axes(a), key=str))
     return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+
+def on_explicit_mesh(a) -> bool:
+    """Whether ``a`` is typed as sharded on a mesh with Explicit axes (``jax.make_mesh``'s default)."""
+    mesh = getattr(jax.typeof(a).sharding, "mesh", None)
+    return mesh is not None and not mesh.empty and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)

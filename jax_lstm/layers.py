@@ -93,7 +93,8 @@ def init_stack(
     if not isinstance(input_size, (int, np.integer)) or isinstance(input_size, bool) or input_size < 1:
         raise ValueError(f"input_size must be a positive int, got {input_size!r}")
     n_dir = 2 if bidirectional else 1
-    keys = jax.random.split(key, len(hidden_sizes) * n_dir).reshape(len(hidden_sizes), n_dir, -1)
+    keys = jax.random.split(key, len(hidden_sizes) * n_dir)  # raw uint32 keys or typed keys (nnx.Rngs) alike
+    keys = keys.reshape(len(hidden_sizes), n_dir, *keys.shape[1:])
     layers, d = [], int(input_size)
     for l, h in enumerate(hidden_sizes):
         layers.append(
@@ -193,9 +194,7 @@ def _check_xs(xs, D0, seq_lengths, mask=None, resets=None, time_major=True):
         raise TypeError(f"xs must be an array of shape {layout}, got {type(xs).__name__}")
     if xs.ndim != 3 or xs.shape[2] != D0:
         want, major = (f"(T, B, {D0})", "time-major") if time_major else (f"(B, T, {D0})", "batch-major")
-        raise ValueError(
-            f"xs has shape {tuple(xs.shape)}, expected {want}: {major}, last axis matching params[0][0].U"
-        )
+        raise ValueError(f"xs has shape {tuple(xs.shape)}, expected {want}: {major}, last axis matching params[0][0].U")
     T, B = xs.shape[:2] if time_major else xs.shape[1::-1]
     for name, a in (("mask", mask), ("resets", resets)):
         if a is not None:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_lstm.cell import (
     LSTMParams,
@@ -25,6 +25,7 @@ from jax_lstm.cell import (
     dropped_cell,
     gate_activations,
     make_varying,
+    on_explicit_mesh,
     preactivations,
     split_gates,
     varying_axes,
@@ -77,27 +78,26 @@ def _check_length_values(seq_lengths, T: int) -> None:
 
 
 def _onto_mesh_of(xs, params, state0):
-    """Weights and state that are on no mesh, placed on the Explicit-axis mesh ``xs`` is sharded on.
+    """Weights and state placed for ``xs`` sharded on a mesh with Explicit axes (else unchanged).
 
     With batch-sharded inputs on such a mesh every contraction over the batch
     (a weight's gradient) must know where its result lives, and a loop carry
-    must keep one sharding: unplaced weights are taken as replicated (as a
-    data-parallel step has them) and an unplaced state is split over the batch
-    as ``xs`` is.
+    must keep one sharding: weights on no mesh are taken as replicated (as a
+    data-parallel step has them), and the state is split over the batch as
+    ``xs`` is (a zero state made here, or under ``jax.set_mesh``, is replicated).
     """
-    sharding = jax.typeof(xs).sharding
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+    if not on_explicit_mesh(xs):
         return params, state0
-    batch_spec = tuple(sharding.spec)[1] if len(tuple(sharding.spec)) > 1 else None
+    sharding = jax.typeof(xs).sharding
+    mesh, spec = sharding.mesh, tuple(sharding.spec)
+    batch_spec = spec[1] if len(spec) > 1 else None
 
-    def place(a, spec):
+    def place(a):
         on = getattr(jax.typeof(a).sharding, "mesh", None)
-        return jax.sharding.reshard(a, NamedSharding(mesh, spec)) if on is None or on.empty else a
+        return jax.sharding.reshard(a, NamedSharding(mesh, PartitionSpec())) if on is None or on.empty else a
 
-    params = jax.tree.map(lambda a: place(a, PartitionSpec()), params)
-    state0 = jax.tree.map(lambda a: place(a, PartitionSpec(batch_spec, None)), state0)
-    return params, state0
+    rows = NamedSharding(mesh, PartitionSpec(batch_spec, None))
+    return jax.tree.map(place, params), jax.tree.map(lambda a: jax.sharding.reshard(a, rows), state0)
 
 
 def prepare(
