@@ -180,15 +180,16 @@ def _mapped_by_innermost_vmap(args) -> bool:
     try:
         from jax._src import core as jax_core
         from jax._src.interpreters import batching
-    except ImportError:  # pragma: no cover - a JAX without these internals: the custom_vjp path is always right
+
+        trace = jax_core.trace_ctx.trace
+        if not isinstance(trace, batching.BatchTrace):
+            return False
+        return any(
+            isinstance(a, batching.BatchTracer) and a._trace is trace and a.batch_dim is not None
+            for a in jax.tree.leaves(args)
+        )
+    except (ImportError, AttributeError):  # pragma: no cover - other JAX internals: the custom_vjp path is always right
         return False
-    trace = jax_core.trace_ctx.trace
-    if not isinstance(trace, batching.BatchTrace):
-        return False
-    return any(
-        isinstance(a, batching.BatchTracer) and a._trace is trace and a.batch_dim is not None
-        for a in jax.tree.leaves(args)
-    )
 
 
 @functools.cache
