@@ -844,8 +844,8 @@ def render_models_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _models_main(args, argv) -> int:
-    """``jax-lstm bench --models``: only the model-level rows."""
+def _rows_main(args, argv, run: Callable[..., dict], render: Callable[[dict], str]) -> int:
+    """``jax-lstm bench --models`` / ``--options``: only those rows, ``run(shapes, ...)`` rendered by ``render``."""
     if args.quick:
         shapes, reps, warmup = list(args.shape or QUICK_SHAPES), args.reps or 3, 1
     else:
@@ -854,13 +854,13 @@ def _models_main(args, argv) -> int:
     if not shapes:
         raise SystemExit("jax-lstm bench: error: no shapes: --only-shapes needs at least one --shape")
     t_start = time.perf_counter()
-    report = bench_models(shapes, warmup=warmup, reps=reps, seconds=args.seconds)
+    report = run(shapes, warmup=warmup, reps=reps, seconds=args.seconds)
     report.update(
         machine=_machine(),
         command="jax-lstm bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         wall_s=time.perf_counter() - t_start,
     )
-    print(render_models_table(report))
+    print(render(report))
     print(f"\n(total {report['wall_s']:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
@@ -1010,30 +1010,6 @@ def render_options_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _options_main(args, argv) -> int:
-    """``jax-lstm bench --options``: only the option rows."""
-    if args.quick:
-        shapes, reps, warmup = list(args.shape or QUICK_SHAPES), args.reps or 3, 1
-    else:
-        shapes = list(args.shape or []) if args.only_shapes else list(DEFAULT_SHAPES) + list(args.shape or [])
-        reps, warmup = args.reps, args.warmup
-    if not shapes:
-        raise SystemExit("jax-lstm bench: error: no shapes: --only-shapes needs at least one --shape")
-    t_start = time.perf_counter()
-    report = bench_options(shapes, warmup=warmup, reps=reps, seconds=args.seconds)
-    report.update(
-        machine=_machine(),
-        command="jax-lstm bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        wall_s=time.perf_counter() - t_start,
-    )
-    print(render_options_table(report))
-    print(f"\n(total {report['wall_s']:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    return 0
-
-
 def _shape(s: str) -> Shape:
     try:
         t = tuple(int(v) for v in s.split(","))
@@ -1116,9 +1092,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.models:
-        return _models_main(args, argv)
+        return _rows_main(args, argv, bench_models, render_models_table)
     if args.options:
-        return _options_main(args, argv)
+        return _rows_main(args, argv, bench_options, render_options_table)
 
     if args.quick:
         shapes = list(args.shape or QUICK_SHAPES)

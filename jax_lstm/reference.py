@@ -203,15 +203,12 @@ def lstm_ref(
         unroll=unroll,
         time_major=time_major,
     )
-    T, B = a.xs.shape[:2]
-    ones = jnp.ones((T, B), bool)
-    mask = ones if a.mask is None else a.mask
-    resets = ~ones if a.resets is None else a.resets
+    mask, resets = _step_flags(a)
 
     def step(state, inp):
         x_t, m_t, r_t = inp
-        m, r = m_t[:, None], r_t[:, None]
-        state = LSTMState(jnp.where(r, a.state0.h, state.h), jnp.where(r, a.state0.c, state.c))
+        m = m_t[:, None]
+        state = _reset(state, a.state0, r_t)
         new, h_t = dropped_cell(a.params, state, x_t, a.keep)
         new = LSTMState(jnp.where(m, new.h, state.h), jnp.where(m, new.c, state.c))
         return new, jnp.where(m, h_t, jnp.zeros_like(h_t))
@@ -219,6 +216,18 @@ def lstm_ref(
     final, hs = jax.lax.scan(step, a.state0, (a.xs, mask, resets), reverse=reverse, unroll=unroll)
     hs = hs.astype(a.dtype)
     return (hs if time_major else jnp.swapaxes(hs, 0, 1)), LSTMState(final.h.astype(a.dtype), final.c.astype(a.dtype))
+
+
+def _step_flags(a: Prepared) -> tuple[jax.Array, jax.Array]:
+    """(T, B) bool arrays of the steps that run and of the resets (all True / all False when not given)."""
+    ones = jnp.ones(a.xs.shape[:2], bool)
+    return (ones if a.mask is None else a.mask), (~ones if a.resets is None else a.resets)
+
+
+def _reset(state: LSTMState, state0: LSTMState, r_t: jax.Array) -> LSTMState:
+    """The state entering a step: ``state0`` in the rows that reset there, else ``state``."""
+    r = r_t[:, None]
+    return LSTMState(jnp.where(r, state0.h, state.h), jnp.where(r, state0.c, state.c))
 
 
 class LSTMTrace(NamedTuple):
@@ -265,15 +274,12 @@ def lstm_trace(
         time_major=time_major,
     )
     acc = a.state0.h.dtype
-    T, B = a.xs.shape[:2]
-    ones = jnp.ones((T, B), bool)
-    mask = ones if a.mask is None else a.mask
-    resets = ~ones if a.resets is None else a.resets
+    mask, resets = _step_flags(a)
 
     def step(state, inp):
         x_t, m_t, r_t = inp
-        m, r = m_t[:, None], r_t[:, None]
-        state = LSTMState(jnp.where(r, a.state0.h, state.h), jnp.where(r, a.state0.c, state.c))
+        m = m_t[:, None]
+        state = _reset(state, a.state0, r_t)
         h_in = state.h if a.keep is None else state.h * a.keep
         act = gate_activations(preactivations(a.params, h_in, x_t, acc))
         c, _, h = cell_update(state.c, act)
