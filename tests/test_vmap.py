@@ -83,8 +83,10 @@ def test_grad_of_vmap_over_examples_equals_the_batched_call(problem, rd):
 def test_vmap_of_grad_gives_per_example_gradients(problem):
     p, xs, s0, mask, resets, w, w2 = problem
     args = _examples(xs, s0, mask, resets, w, w2)
-    per = lambda fn: lambda x, s, m, r, wt, wh, wc: jax.grad(_loss_per_example, argnums=(1, 2, 3))(  # noqa: E731
-        fn, p, x, s, m, r, wt, wh, wc
+    per = lambda fn: (
+        lambda x, s, m, r, wt, wh, wc: jax.grad(_loss_per_example, argnums=(1, 2, 3))(  # noqa: E731
+            fn, p, x, s, m, r, wt, wh, wc
+        )
     )
     g = jax.vmap(per(jl.lstm))(*args)
     g_ref = jax.vmap(per(jl.lstm_ref))(*args)
