@@ -157,9 +157,9 @@ def lstm(
 # themselves. (A custom_vjp that is vmapped instead forms one weight gradient per example and sums
 # them afterwards: N times the memory and a batched matmul per weight.)
 
-# How each argument and output meets the batch rows: a weight (never folded), a row array with its batch
-# axis (xs: 1, h0: 0, ...), or a residual: a row array that only our own backward reads.
-_W, _R, _S = "weight", "rows", "residual"
+# How each argument and output meets the batch rows: a weight (never folded) or a row array with its
+# batch axis (xs: 1, h0: 0, ...).
+_W, _R = "weight", "rows"
 _CORE_ARGS = (_W, _W, _W, (_R, 1), (_R, 0), (_R, 0), (_R, 1), (_R, 1), (_R, 0))  # W, U, b, xs, h0, c0, mask, ...
 _CORE_OUTS = ((_R, 1), (_R, 0), (_R, 0))  # hs, h_T, c_T
 
@@ -199,7 +199,7 @@ def _vmapped_core(reverse, unroll):
     @core.def_vmap
     def rule(n, in_batched, *args):
         weights_mapped = any(in_batched[:3])
-        if weights_mapped or any(on_explicit_mesh(a) for a in args if a is not None):
+        if n == 0 or weights_mapped or any(on_explicit_mesh(a) for a in args if a is not None):
             axes = [0 if b else None for b in in_batched]
             return jax.vmap(lambda *a: _lstm_core(*a, reverse, unroll), in_axes=axes)(*args), (True, True, True)
         folded = [_fold(a, k, b, n) for a, k, b in zip(args, _CORE_ARGS, in_batched, strict=True)]
@@ -375,10 +375,12 @@ def _entering_h(hs, h0, mask, resets, reverse):
     return jnp.where((src_in >= 0)[..., None], gathered, h0[None])
 
 
-def _backward(W, U, b, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T, *, reverse, unroll, groups):
+def _backward(
+    W, U, b, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T, *, reverse, unroll, groups=None
+):
     """The hand-written BPTT. Returns (dW, dU, db, dxs, dh0, dc0).
 
-    With ``groups`` > 1 the batch rows are ``groups`` independent problems
+    With ``groups`` (an int) the batch rows are ``groups`` independent problems
     stacked (examples under ``jax.vmap``), and dW, dU, db are returned per
     group: (groups, H, 4H), (groups, D, 4H), (groups, 4H).
     """
@@ -431,7 +433,7 @@ def _backward(W, U, b, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh
         h_in = h_in * keep[None]
     # seed: δW = Σ_t h_{t-1}^T * δ13..16 and δU = Σ_t x_t^T * δ13..16; the seed has no bias, its
     # gradient is Σ_t dz_t. Per group when the rows are several problems stacked.
-    if groups == 1:
+    if groups is None:
         dW = _contract(h_in.astype(W.dtype), dz.astype(W.dtype), W, acc)
         dU = _contract(xs.astype(U.dtype), dz.astype(U.dtype), U, acc)
         db = dz.sum(axis=(0, 1))
@@ -473,32 +475,34 @@ def _contract(a, b_, like, acc):
 # --------------------------------------------------------------------------------------------------
 # Folding a vmapped axis into the batch rows.
 #
-# Each kernel argument and output is one of: a weight (never folded), a row array whose batch axis
-# is ``rows`` (xs: 1, h0: 0, ...), or a residual: a row array that only our own backward reads. Under
-# vmap over examples (weights not mapped) the N examples become N * B rows of one problem: row arrays
-# are moved into place (a transpose), residuals are only reshaped (free), because the backward that
-# reads them undoes the same reshape. When a weight is mapped too (an ensemble), the kernel is
-# vmapped as it is: correct, and as fast as XLA's batched loops.
+# These kernels are reached under vmap when autodiff runs inside it (``jax.vmap(jax.grad(f))``, per-example
+# gradients) or when a function jitted inside the vmap was traced before it. Each argument and output is
+# a weight (never folded) or a row array with its batch axis (xs: 1, h0: 0, ...). With the weights not
+# mapped, the N examples become N * B rows of one problem: row arrays are moved into place and back (a
+# transpose each; residuals too, so that differentiating the kernels again under vmap sees real arrays),
+# and the weight gradients come out per example. With a weight mapped (an ensemble), an empty mapped
+# axis or an Explicit-axis mesh, the kernel is vmapped as it is: correct, and as fast as XLA's batched
+# loops.
 
 _ARGS = {
     "forward": (_CORE_ARGS, _CORE_OUTS),
-    "forward_saving": (_CORE_ARGS, (_CORE_OUTS, ((_S, 1), (_S, 1)))),  # + residuals coef, dcdh_f
+    "forward_saving": (_CORE_ARGS, (_CORE_OUTS, ((_R, 1), (_R, 1)))),  # + residuals coef, dcdh_f
     "backward": (  # + hs, coef, dcdh_f, dhs, dh_T, dc_T -> dW, dU, db, dxs, dh0, dc0
-        _CORE_ARGS + ((_R, 1), (_S, 1), (_S, 1), (_R, 1), (_R, 0), (_R, 0)),
+        _CORE_ARGS + ((_R, 1), (_R, 1), (_R, 1), (_R, 1), (_R, 0), (_R, 0)),
         (_W, _W, _W, (_R, 1), (_R, 0), (_R, 0)),
     ),
 }
 
 
 @functools.cache
-def _kernel(kind, reverse, unroll, groups=1):
+def _kernel(kind, reverse, unroll, groups=None):
     """``kind`` of kernel as a function of arrays that folds ``jax.vmap`` into its rows."""
     if kind == "backward":
         raw = functools.partial(_backward, reverse=reverse, unroll=unroll, groups=groups)
     else:
         raw = functools.partial(_forward, reverse=reverse, unroll=unroll, save=kind == "forward_saving")
     in_kinds, out_kinds = _ARGS[kind]
-    return _folded(raw, in_kinds, out_kinds, lambda n: _kernel(kind, reverse, unroll, groups * n), groups)
+    return _folded(raw, in_kinds, out_kinds, lambda n: _kernel(kind, reverse, unroll, (groups or 1) * n), groups)
 
 
 def _folded(raw, in_kinds, out_kinds, with_groups, groups):
@@ -507,14 +511,14 @@ def _folded(raw, in_kinds, out_kinds, with_groups, groups):
     @fast.def_vmap
     def rule(n, in_batched, *args):
         weights_mapped = any(b for b, k in zip(in_batched, in_kinds, strict=True) if k == _W)
-        if weights_mapped or any(on_explicit_mesh(a) for a in args if a is not None):
+        if n == 0 or weights_mapped or any(on_explicit_mesh(a) for a in args if a is not None):
             axes = [0 if b else None for b in in_batched]
             out = jax.vmap(raw, in_axes=axes)(*args)
             return out, jax.tree.map(lambda _: True, out)
         folded = [_fold(a, k, b, n) for a, k, b in zip(args, in_kinds, in_batched, strict=True)]
         out = with_groups(n)(*folded)
         flat, tree = jax.tree.flatten(out)
-        kinds = jax.tree.leaves(out_kinds, is_leaf=lambda k: k == _W or isinstance(k, tuple) and k[0] in (_R, _S))
+        kinds = jax.tree.leaves(out_kinds, is_leaf=lambda k: k == _W or isinstance(k, tuple) and k[0] == _R)
         flat = [_unfold(a, k, n, groups) for a, k in zip(flat, kinds, strict=True)]
         return jax.tree.unflatten(tree, flat), jax.tree.unflatten(tree, [True] * len(flat))
 
@@ -541,9 +545,6 @@ def _fold(a, kind, batched, n):
     _, axis = kind
     if not batched:
         a = jnp.broadcast_to(a[None], (n, *a.shape))
-    elif kind[0] == _S:  # a residual from our own folded forward: undo its reshape
-        shape = a.shape[1:]
-        return a.reshape(*shape[:axis], n * shape[axis], *shape[axis + 1 :])
     a = jnp.moveaxis(a, 0, axis)  # (..., N, B, ...)
     return a.reshape(*a.shape[:axis], n * a.shape[axis + 1], *a.shape[axis + 2 :])
 
@@ -551,9 +552,7 @@ def _fold(a, kind, batched, n):
 def _unfold(a, kind, n, groups):
     """One output of the N * B-row call, as the output of the N-mapped kernel (batched at axis 0)."""
     if kind == _W:  # per-group weight gradients (n * groups, ...) -> (n, [groups,] ...)
-        return a.reshape(n, *((groups,) if groups > 1 else ()), *a.shape[1:])
-    tag, axis = kind
+        return a.reshape(n, *(() if groups is None else (groups,)), *a.shape[1:])
+    _, axis = kind
     split = (*a.shape[:axis], n, a.shape[axis] // n, *a.shape[axis + 1 :])
-    if tag == _S:  # read only by our backward, which undoes this reshape: no transpose
-        return a.reshape(n, *a.shape[:axis], a.shape[axis] // n, *a.shape[axis + 1 :])
     return jnp.moveaxis(a.reshape(split), axis, 0)

@@ -150,3 +150,33 @@ def test_examples_are_folded_into_the_rows_before_the_custom_vjp(problem):
     text = str(jax.make_jaxpr(jax.grad(mapped))(p))
     assert f"f64[{B},{H},{4 * H}]" not in text
     assert f"f64[{T},{B},{4 * H}]" in text  # the loops run on the folded (T, N * 1, 4H) rows
+
+
+def test_per_example_gradients_of_one_example_and_of_none(problem):
+    p, xs, s0, *_ = problem
+    one = xs[None, :, :1]  # a mapped axis of size 1, each example (T, 1, D)
+    f = lambda fn: jax.vmap(jax.grad(lambda p_, x: jnp.sum(jnp.sin(fn(p_, x)[0]))), (None, 0))  # noqa: E731
+    assert _rel(f(jl.lstm)(p, one), f(jl.lstm_ref)(p, one)) < 1e-10
+    empty = jnp.zeros((0, T, 1, D))
+    assert jax.vmap(lambda x: jl.lstm(p, x)[0])(empty).shape == (0, T, 1, H)
+    g = jax.grad(lambda p_: jnp.sum(jax.vmap(lambda x: jl.lstm(p_, x)[0])(empty)))(p)
+    assert all(float(jnp.abs(a).max()) == 0.0 for a in jax.tree.leaves(g))
+
+
+def test_second_order_gradients_under_vmap(problem):
+    p, xs, s0, mask, *_ = problem
+    ex = jnp.moveaxis(xs, 1, 0)[:, :, None]  # (B, T, 1, D)
+
+    def inner(fn):
+        def f(p_, x):
+            g = jax.grad(lambda x_: jnp.sum(fn(p_, x_, mask=mask[:, :1])[0] ** 2))(x)
+            return jnp.sum(g**2)
+
+        return f
+
+    for argnum in (0, 1):
+        got = jax.vmap(jax.grad(inner(jl.lstm), argnums=argnum), (None, 0))(p, ex)
+        want = jax.vmap(jax.grad(inner(jl.lstm_ref), argnums=argnum), (None, 0))(p, ex)
+        assert _rel(got, want) < 1e-10
+    total = lambda fn: jax.grad(lambda p_: jnp.sum(jax.vmap(inner(fn), (None, 0))(p_, ex)))  # noqa: E731
+    assert _rel(total(jl.lstm)(p), total(jl.lstm_ref)(p)) < 1e-10
