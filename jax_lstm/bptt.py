@@ -24,8 +24,9 @@ a step ``mask`` (any pattern of skipped steps), ``resets`` of the state to
 named where they enter the backward.
 
 Under ``jax.vmap`` over examples the mapped axis is folded into the batch rows
-(``_folded``), so the same loops run once over all examples with the matmuls
-``N * B`` rows tall, instead of over an (N, ...) stack of small problems.
+(``_vmapped_core`` before the custom_vjp, ``_folded`` inside it when autodiff
+runs within the vmap), so the same loops run once over all examples with the
+matmuls ``N * B`` rows tall, instead of over an (N, ...) stack of small problems.
 
 The comments name the rule of the seed document (``shared/seed/lstm_units.md``,
 δ1…δ26) each line implements, and where the seed's rule is wrong.
