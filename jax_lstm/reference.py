@@ -176,7 +176,8 @@ def lstm_ref(
       xs: (T, B, D) inputs, time-major; (B, T, D) with ``time_major=False``.
       state0: ``LSTMState`` with h, c: (B, H); None means zeros.
       seq_lengths: optional (B,) integer lengths; steps t >= seq_lengths[b] are
-        padding (zero output, state unchanged).
+        padding (zero output, state unchanged). Concrete lengths outside [0, T]
+        raise ``ValueError``; under ``jit`` they act as clamped to [0, T].
       mask: optional (T, B) bool ((B, T) batch-major); a False step is skipped.
       resets: optional (T, B) bool ((B, T) batch-major); where True the state is
         set to ``state0`` just before step t is visited.
