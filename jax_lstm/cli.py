@@ -266,14 +266,26 @@ def main_train(argv: Sequence[str]) -> int:
     return EXIT_INTERRUPTED if result.stop == "interrupted" else EXIT_OK
 
 
-def sample_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jax-lstm sample", description="Generate text from a charlm checkpoint.")
+def _checkpoint_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         default=os.path.join("runs", "charlm"),
         metavar="PATH",
         help="run directory or checkpoint file (default runs/charlm)",
     )
+
+
+def _load(prog: str, path: str):
+    """The run at ``path``, or the exit code after one line on stderr when its checkpoint cannot be read."""
+    try:
+        return load_run(path)
+    except checkpoint.CheckpointError as e:
+        return _error(prog, str(e), EXIT_FAIL)
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jax-lstm sample", description="Generate text from a charlm checkpoint.")
+    _checkpoint_argument(p)
     p.add_argument("--prompt", default="The ", help="text the model reads first (default 'The ')")
     p.add_argument("--length", type=_positive_int, default=500, help="characters to generate (default 500)")
     p.add_argument("--temperature", type=_positive_float, default=0.8, help="> 0; lower is more conservative")
@@ -291,10 +303,9 @@ def main_sample(argv: Sequence[str]) -> int:
         return args
     if not args.prompt:
         return _error(prog, "--prompt must not be empty", EXIT_USAGE)
-    try:
-        run = load_run(args.checkpoint)
-    except checkpoint.CheckpointError as e:
-        return _error(prog, str(e), EXIT_FAIL)
+    run = _load(prog, args.checkpoint)
+    if isinstance(run, int):
+        return run
     if run.task.name != "charlm":
         return _error(prog, f"{args.checkpoint} is a {run.task.name} checkpoint; sample needs a charlm one", EXIT_USAGE)
     try:
@@ -309,12 +320,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jax-lstm evaluate", description="Evaluate a checkpoint on its task's validation split."
     )
-    p.add_argument(
-        "--checkpoint",
-        default=os.path.join("runs", "charlm"),
-        metavar="PATH",
-        help="run directory or checkpoint file (default runs/charlm)",
-    )
+    _checkpoint_argument(p)
     p.add_argument("--grad", choices=tuple(GRADS), default="manual", help="which LSTM runs the forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
@@ -326,10 +332,9 @@ def main_evaluate(argv: Sequence[str]) -> int:
     args = _parse(evaluate_parser(), argv)
     if isinstance(args, int):
         return args
-    try:
-        run = load_run(args.checkpoint)
-    except checkpoint.CheckpointError as e:
-        return _error(prog, str(e), EXIT_FAIL)
+    run = _load(prog, args.checkpoint)
+    if isinstance(run, int):
+        return run
     values = run.task.make_evaluator(run.data, run.config, GRADS[args.grad])(run.state.params)
     baselines = run.task.baselines(run.data)
     if args.json:
