@@ -24,10 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jax_lstm import checkpoint, parallel
-from jax_lstm.reporting import fmt, show_value, summary_table, table
-from jax_lstm.runs import Interrupts, ResumeConflict, RunInUse, RunWriteError, checkpoint_path
-from jax_lstm.tasks import DEFAULT_TASK, GRADS, TASKS, get_task
-from jax_lstm.train import (
+from jax_lstm.config import (
     DTYPES,
     INT32_MAX,
     INT64_MAX,
@@ -38,9 +35,11 @@ from jax_lstm.train import (
     TrainConfig,
     enable_x64_if,
     int_error,
-    load_run,
-    train,
 )
+from jax_lstm.reporting import fmt, show_value, summary_table, table
+from jax_lstm.runs import Interrupts, ResumeConflict, RunInUse, RunWriteError, checkpoint_path
+from jax_lstm.tasks import DEFAULT_TASK, GRADS, TASKS, get_task
+from jax_lstm.train import load_run, train
 
 # Exit codes of the commands.
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2

@@ -1,4 +1,7 @@
-"""Run directories: their files, the lock that gives a directory one writer, and the checks of a resume.
+"""Run directories: where a run starts (fresh or from its checkpoint), their files, their lock, signals.
+
+``plan_run`` resolves a run's config, reads the checkpoint it resumes (``load_run``) and checks its
+paths and devices, writing nothing: every check that can refuse a run happens there.
 
 A run directory holds ``checkpoint.npz``, ``config.json``, ``metrics.jsonl`` (one JSON line per log
 step) and ``curves.png``. While a run writes to it, it also holds ``.lock``: the run has it
@@ -19,6 +22,7 @@ between steps; a second signal stops at once, except while a checkpoint is being
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -29,11 +33,31 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from jax_lstm import checkpoint
+import jax
+import numpy as np
+import optax
+
+from jax_lstm import checkpoint, parallel
+from jax_lstm.config import (
+    FIXED_FIELDS,
+    RESUMABLE_FIELDS,
+    TrainConfig,
+    config_from_header,
+    enable_x64_if,
+    make_optimizer,
+)
+from jax_lstm.tasks import Task, get_task
+from jax_lstm.tasks.base import zero_carry
 
 __all__ = [
+    "TrainState",
+    "LoadedRun",
+    "Plan",
+    "init_state",
+    "load_run",
+    "plan_run",
     "LOCKNAME",
     "RunInUse",
     "RunWriteError",
@@ -43,8 +67,9 @@ __all__ = [
     "Interrupts",
     "checkpoint_path",
     "check_paths",
+    "describe_run",
     "earlier_records",
-    "resume_conflicts",
+    "resume_config",
 ]
 
 LOCKNAME = ".lock"
@@ -65,7 +90,7 @@ class ResumeConflict(ValueError):
 
     Attributes:
       checkpoint: the checkpoint file.
-      conflicts: ``(field, asked, saved)`` per differing field, from ``resume_conflicts``.
+      conflicts: ``(field, asked, saved)`` per differing field.
     """
 
     def __init__(self, ckpt: Path, conflicts: list[tuple[str, Any, Any]], resumable: Sequence[str]):
@@ -132,13 +157,34 @@ def normal(value):
     return value
 
 
-def resume_conflicts(given: dict, saved: dict, fixed: Sequence[str]) -> list[tuple[str, Any, Any]]:
-    """``(field, given value, saved value)`` for each field in ``fixed`` that is set in ``given`` and differs."""
-    return [
-        (name, given[name], saved[name])
-        for name in fixed
-        if given.get(name) is not None and normal(given[name]) != normal(saved.get(name))
+def resume_config(config: TrainConfig, ckpt: Path) -> TrainConfig:
+    """The checkpoint's config with ``config``'s ``RESUMABLE_FIELDS``; ``ResumeConflict`` if a fixed field differs."""
+    saved = config_from_header(checkpoint.read_header(ckpt))
+    enable_x64_if(saved.dtype)
+    try:
+        saved = saved.resolved()  # an older checkpoint's missing fields take their defaults
+    except (ValueError, TypeError) as e:
+        raise checkpoint.CheckpointError(f"checkpoint {ckpt} has an invalid config: {e}") from None
+    conflicts = [
+        (name, getattr(config, name), getattr(saved, name))
+        for name in FIXED_FIELDS
+        if getattr(config, name) is not None and normal(getattr(config, name)) != normal(getattr(saved, name))
     ]
+    if conflicts:
+        raise ResumeConflict(ckpt, conflicts, RESUMABLE_FIELDS)
+    changes = {name: getattr(config, name) for name in RESUMABLE_FIELDS if getattr(config, name) is not None}
+    return dataclasses.replace(saved, **changes).resolved()
+
+
+def describe_run(config: TrainConfig, task, info: dict, n_params: int, baselines: dict) -> dict:
+    """The content of ``config.json``."""
+    return {
+        "config": dataclasses.asdict(config),
+        "task": {"name": task.name, "metric": task.metric, "metric_label": task.metric_label, **info},
+        "parameters": n_params,
+        "baselines": baselines,
+        "versions": {"python": sys.version.split()[0], "jax": jax.__version__, "optax": optax.__version__},
+    }
 
 
 def earlier_records(path: Path | None, upto: int) -> list[dict]:
@@ -153,6 +199,132 @@ def earlier_records(path: Path | None, upto: int) -> list[dict]:
             if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= upto:
                 records.append(r)
     return records
+
+
+# --------------------------------------------------------------------------- where a run starts
+
+
+class TrainState(NamedTuple):
+    """What a checkpoint holds: the step (the data position) and the arrays."""
+
+    step: int
+    params: Any
+    opt_state: Any
+    key: jax.Array  # (2,) uint32, the PRNG key of the data stream
+    carry: Any  # the stack's state carried across windows (h, c: (B, H_l) per layer and direction), or None
+
+    def arrays(self) -> dict[str, Any]:
+        return {"params": self.params, "opt_state": self.opt_state, "key": self.key, "carry": self.carry}
+
+
+def init_state(task: Task, config: TrainConfig, data, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0: fresh params from ``config.seed``, optimizer state, PRNG key and a zero carry."""
+    k_params, k_data = jax.random.split(jax.random.PRNGKey(int(config.seed)))
+    params = task.init_params(k_params, config, data)
+    carry = zero_carry(config, int(config.batch_size)) if task.carries_state else None
+    return TrainState(0, params, optimizer.init(params), k_data, carry)
+
+
+def count_params(params) -> int:
+    return int(sum(np.size(a) for a in jax.tree.leaves(params)))
+
+
+class LoadedRun(NamedTuple):
+    """A checkpoint read back with everything needed to continue or evaluate it."""
+
+    task: Task
+    config: TrainConfig
+    data: Any
+    state: TrainState
+    header: dict
+    optimizer: optax.GradientTransformation
+
+
+def _single_layer_path(path: str) -> str:
+    """A leaf path of a checkpoint written when the model was one ``LSTMParams`` (and the carry one
+    ``LSTMState``) as the path of the same leaf in a one-layer stack."""
+    return path.replace("['lstm'].", "['lstm'][0][0].").replace("['carry'].", "['carry'][0][0].")
+
+
+def load_run(path: str | os.PathLike, config: TrainConfig | None = None) -> LoadedRun:
+    """Read a checkpoint and rebuild its task, data, optimizer and state.
+
+    Args:
+      path: a checkpoint file, or a run directory holding ``checkpoint.npz``.
+      config: an already resolved config to check the checkpoint against;
+        None uses the checkpoint's own.
+
+    Raises:
+      CheckpointError: missing, corrupted, or of another model.
+    """
+    path = checkpoint_path(path)
+    header = checkpoint.read_header(path)
+    if config is None:
+        config = config_from_header(header)
+        enable_x64_if(config.dtype)
+        try:
+            config = config.resolved()
+        except (ValueError, TypeError) as e:
+            raise checkpoint.CheckpointError(f"checkpoint {path} has an invalid config: {e}") from None
+    task = get_task(config.task)
+    info = header.get("meta", {}).get("info") or None
+    try:
+        data = task.setup(config, info=info)
+    except (ValueError, TypeError, KeyError) as e:
+        raise checkpoint.CheckpointError(f"checkpoint {path} does not fit the {task.name} data: {e}") from None
+    if info and task.info(data) != info:
+        print(
+            f"warning: the {task.name} data differ from those the checkpoint {path} was trained on "
+            "(another Python version's pydoc_data?); results will not match the original run",
+            file=sys.stderr,
+        )
+    optimizer, _ = make_optimizer(config)
+    template = init_state(task, config, data, optimizer)
+    one_layer = len(template.params["lstm"]) == 1 and len(template.params["lstm"][0]) == 1
+    arrays, header = checkpoint.restore(path, template.arrays(), rename=_single_layer_path if one_layer else None)
+    step = header.get("meta", {}).get("step")
+    if not isinstance(step, int) or step < 0:
+        raise checkpoint.CheckpointError(f"checkpoint {path} has no valid step in its metadata (got {step!r})")
+    state = TrainState(step, arrays["params"], arrays["opt_state"], arrays["key"], arrays["carry"])
+    return LoadedRun(task, config, data, state, header, optimizer)
+
+
+class Plan(NamedTuple):
+    """A run checked and ready to start: nothing has been written yet."""
+
+    config: TrainConfig
+    task: Task
+    data: Any
+    optimizer: optax.GradientTransformation
+    state: TrainState
+    out_dir: Path | None
+    metrics_path: Path | None
+    resumed: bool
+    elapsed0: float  # seconds spent by the earlier runs of a resumed run
+    checkpoint: Path | None  # the checkpoint resumed from
+    mesh: Any  # the data-parallel mesh, or None for one device
+
+
+def plan_run(config: TrainConfig, out_dir, resume, force: bool, metrics_path, devices: int | None) -> Plan:
+    """Resolve the config, read the checkpoint to resume, check the paths and the devices; write nothing."""
+    ckpt = None
+    if resume:
+        ckpt = checkpoint_path(out_dir if resume is True else resume)
+        out_dir = ckpt.parent if out_dir is None else out_dir
+        config = resume_config(config, ckpt)
+        loaded = load_run(ckpt, config)
+        task, data, optimizer, state = loaded.task, loaded.data, loaded.optimizer, loaded.state
+        elapsed0 = float(loaded.header.get("meta", {}).get("elapsed", 0.0))
+    else:
+        config = config.resolved()
+        task = get_task(config.task)
+        data = task.setup(config)
+        optimizer, _ = make_optimizer(config)
+        state = init_state(task, config, data, optimizer)
+        elapsed0 = 0.0
+    out_dir, metrics_path = check_paths(out_dir, metrics_path, resume=bool(resume), force=force)
+    mesh = parallel.mesh_for(devices, int(config.batch_size))
+    return Plan(config, task, data, optimizer, state, out_dir, metrics_path, bool(resume), elapsed0, ckpt, mesh)
 
 
 # --------------------------------------------------------------------------- the lock

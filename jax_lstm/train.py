@@ -42,19 +42,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_lstm import checkpoint, parallel
+from jax_lstm import parallel
+from jax_lstm.config import TrainConfig, enable_x64_if, make_optimizer  # noqa: F401 (imported from here too)
 from jax_lstm.reporting import Progress, describe_model, fmt, plot_curves
-from jax_lstm.runs import (
+from jax_lstm.runs import (  # noqa: F401 (TrainState, init_state, load_run, checkpoint_path: imported from here too)
     Interrupts,
-    ResumeConflict,
+    LoadedRun,
+    Plan,
     RunFiles,
-    check_paths,
+    TrainState,
     checkpoint_path,
+    count_params,
+    describe_run,
     earlier_records,
-    resume_conflicts,
+    init_state,
+    load_run,
+    plan_run,
 )
-from jax_lstm.tasks import DEFAULT_TASK, GRADS, TASKS, Task, get_task
-from jax_lstm.tasks.base import zero_carry
+from jax_lstm.tasks import GRADS, Task
 
 __all__ = [
     "TrainConfig",
@@ -70,204 +75,6 @@ __all__ = [
     "checkpoint_path",
     "enable_x64_if",
 ]
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine")
-DTYPES = ("float32", "float64")
-PROGRESS_MODES = ("auto", "bar", "lines", "none")
-
-# Fields that fix the model, the data stream and the optimizer: a resumed run keeps them.
-FIXED_FIELDS = (
-    "task",
-    "seed",
-    "batch_size",
-    "seq_len",
-    "hidden",
-    "embed",
-    "optimizer",
-    "lr",
-    "schedule",
-    "warmup",
-    "decay_steps",
-    "clip",
-    "dropout",
-    "dtype",
-    "bidirectional",
-    "layer_dropout",
-    "recurrent_dropout",
-)
-# Fields a resumed run may change.
-RESUMABLE_FIELDS = ("steps", "grad", "log_every", "time_limit")
-
-# The range of each integer field: counts of steps reach optax's int32 step counter, the seed an int64.
-INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
-INT_RANGES = {
-    "steps": (1, INT32_MAX),
-    "seed": (0, INT64_MAX),
-    "batch_size": (1, INT32_MAX),
-    "seq_len": (1, INT32_MAX),
-    "hidden": (1, INT32_MAX),
-    "embed": (0, INT32_MAX),
-    "warmup": (0, INT32_MAX),
-    "decay_steps": (1, INT32_MAX),
-    "log_every": (1, INT32_MAX),
-}
-
-
-def int_error(value, lo: int, hi: int) -> str | None:
-    """Why ``value`` is not an integer in [lo, hi] (``lo`` 0 or 1), or None if it is."""
-    what = "a positive integer" if lo == 1 else "a non-negative integer"
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo:
-        return f"must be {what}"
-    if value > hi:
-        return f"must be {what} of at most {hi}"
-    return None
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run. ``None`` means "the task's default" (see ``resolved``).
-
-    Attributes:
-      task: registry name (``charlm``, ``addition``, ``sine``).
-      steps: total optimizer steps of the run (a resumed run continues up to this).
-      seed: seeds the parameters and the PRNG key of the data stream.
-      batch_size: B, sequences per step.
-      seq_len: T, steps per window (charlm) or sequence length.
-      hidden: the LSTM stack's hidden sizes: an int H is one layer, a tuple (H_0, H_1, ...) one layer
-        per entry, bottom first.
-      bidirectional: give every layer a reverse direction (refused for next-step prediction tasks,
-        whose targets a reverse direction would read).
-      embed: embedding size (charlm); unused by tasks that feed features directly.
-      optimizer: ``adam`` (default), ``adamw`` or ``sgd`` (momentum 0.9).
-      lr: peak learning rate.
-      schedule: ``constant`` (after an optional linear warm-up) or ``cosine``
-        (warm-up, then cosine decay to lr/10 at ``decay_steps``).
-      warmup: warm-up steps.
-      decay_steps: length of the cosine schedule; defaults to ``steps`` of the
-        first run and is kept when the run is resumed with more steps.
-      clip: clip gradients to this global norm (0 disables).
-      dropout: dropout rate on the LSTM outputs during training (charlm); 0 disables.
-      layer_dropout: dropout rate between stacked layers during training; 0 disables.
-      recurrent_dropout: variational dropout rate on every layer's h_{t-1} during training (one mask
-        per sequence, the same at every step); 0 disables.
-      dtype: ``float32`` or ``float64`` for params and activations.
-      grad: ``manual`` (``lstm``, hand-written BPTT) or ``autodiff`` (``lstm_ref``).
-      log_every: evaluate, log and checkpoint every this many steps (and at the end).
-      time_limit: stop (and checkpoint) after this many seconds, counted from the start of this
-        invocation (a resumed run gets the limit afresh); None or 0: no limit.
-    """
-
-    task: str | None = None
-    steps: int | None = None
-    seed: int | None = None
-    batch_size: int | None = None
-    seq_len: int | None = None
-    hidden: int | tuple[int, ...] | None = None
-    bidirectional: bool | None = None
-    embed: int | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    schedule: str | None = None
-    warmup: int | None = None
-    decay_steps: int | None = None
-    clip: float | None = None
-    dropout: float | None = None
-    layer_dropout: float | None = None
-    recurrent_dropout: float | None = None
-    dtype: str | None = None
-    grad: str | None = None
-    log_every: int | None = None
-    time_limit: float | None = None
-
-    def resolved(self) -> TrainConfig:
-        """A copy with every ``None`` replaced by the task's or the global default, checked."""
-        values = dataclasses.asdict(self)
-        values["task"] = values["task"] or DEFAULT_TASK
-        task = get_task(values["task"])
-        generic = {
-            "seed": 0,
-            "optimizer": "adam",
-            "dtype": "float32",
-            "grad": "manual",
-            "warmup": 0,
-            "clip": 1.0,
-            "dropout": 0.0,
-            "bidirectional": False,
-            "layer_dropout": 0.0,
-            "recurrent_dropout": 0.0,
-        }
-        for k, v in {**generic, **task.defaults}.items():
-            if values.get(k) is None:
-                values[k] = v
-        if isinstance(values["hidden"], (list, tuple)):  # one size per layer; a single layer is an int
-            values["hidden"] = tuple(values["hidden"]) if len(values["hidden"]) != 1 else values["hidden"][0]
-        if values["decay_steps"] is None:
-            values["decay_steps"] = values["steps"]
-        if values["log_every"] is None:
-            values["log_every"] = max(1, values["steps"] // 20)
-        cfg = TrainConfig(**values)
-        cfg.check()
-        return cfg
-
-    def check(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        for name, (lo, hi) in INT_RANGES.items():
-            v = getattr(self, name)
-            why = None if name == "hidden" else int_error(v, lo, hi)
-            if why:
-                raise ValueError(f"{name} {why}, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip >= 0):
-            raise ValueError(f"clip must be a non-negative number, got {self.clip!r}")
-        sizes = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
-        if not sizes or any(int_error(h, *INT_RANGES["hidden"]) for h in sizes):
-            raise ValueError(
-                f"hidden must be a positive integer or a tuple of them, one per layer, got {self.hidden!r}"
-            )
-        for name in ("dropout", "layer_dropout", "recurrent_dropout"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1):
-                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
-        if not isinstance(self.bidirectional, bool):
-            raise ValueError(f"bidirectional must be True or False, got {self.bidirectional!r}")
-        limit = self.time_limit
-        if limit is not None and not (
-            isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 <= limit < math.inf
-        ):
-            raise ValueError(f"time_limit must be a non-negative number of seconds, got {self.time_limit!r}")
-        for name, allowed in (
-            ("optimizer", OPTIMIZERS),
-            ("schedule", SCHEDULES),
-            ("dtype", DTYPES),
-            ("grad", tuple(GRADS)),
-            ("task", tuple(TASKS)),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.bidirectional and get_task(self.task).causal:
-            raise ValueError(
-                f"--bidirectional is refused for {self.task}: it predicts the next step, and a reverse "
-                "direction would read the targets it is asked to predict"
-            )
-        if self.task == "charlm" and self.embed < 1:
-            raise ValueError(f"embed must be a positive integer for charlm, got {self.embed}")
-        if self.dtype == "float64" and not jax.config.jax_enable_x64:
-            raise ValueError("dtype float64 needs jax_enable_x64 (the command line turns it on for --dtype float64)")
-
-
-class TrainState(NamedTuple):
-    """What a checkpoint holds: the step (the data position) and the arrays."""
-
-    step: int
-    params: Any
-    opt_state: Any
-    key: jax.Array  # (2,) uint32, the PRNG key of the data stream
-    carry: Any  # the stack's state carried across windows (h, c: (B, H_l) per layer and direction), or None
-
-    def arrays(self) -> dict[str, Any]:
-        return {"params": self.params, "opt_state": self.opt_state, "key": self.key, "carry": self.carry}
 
 
 @dataclass
@@ -302,27 +109,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- pieces
-
-
-def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
-    """The optimizer of a resolved config and its learning-rate schedule ``step -> lr``."""
-    lr, warmup = float(config.lr), int(config.warmup)
-    if config.schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, lr, warmup, max(int(config.decay_steps), warmup + 1), end_value=lr / 10
-        )
-    elif warmup > 0:
-        schedule = optax.linear_schedule(0.0, lr, warmup)
-    else:
-        schedule = optax.constant_schedule(lr)
-    opt = {
-        "adam": lambda: optax.adam(schedule),
-        "adamw": lambda: optax.adamw(schedule, weight_decay=1e-4),
-        "sgd": lambda: optax.sgd(schedule, momentum=0.9),
-    }[config.optimizer]()
-    if config.clip > 0:
-        opt = optax.chain(optax.clip_by_global_norm(float(config.clip)), opt)
-    return opt, lambda step: float(schedule(step))
 
 
 def make_train_step(
@@ -365,160 +151,7 @@ def make_train_step(
     return train_step
 
 
-def init_state(task: Task, config: TrainConfig, data, optimizer: optax.GradientTransformation) -> TrainState:
-    """Step 0: fresh params from ``config.seed``, optimizer state, PRNG key and a zero carry."""
-    k_params, k_data = jax.random.split(jax.random.PRNGKey(int(config.seed)))
-    params = task.init_params(k_params, config, data)
-    carry = zero_carry(config, int(config.batch_size)) if task.carries_state else None
-    return TrainState(0, params, optimizer.init(params), k_data, carry)
-
-
-def count_params(params) -> int:
-    return int(sum(np.size(a) for a in jax.tree.leaves(params)))
-
-
-def _config_from_header(header: dict) -> TrainConfig:
-    saved = header.get("config", {})
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(saved) - fields)
-    if unknown:
-        raise checkpoint.CheckpointError(f"checkpoint config has unknown fields {unknown}")
-    return TrainConfig(**saved)
-
-
-class LoadedRun(NamedTuple):
-    """A checkpoint read back with everything needed to continue or evaluate it."""
-
-    task: Task
-    config: TrainConfig
-    data: Any
-    state: TrainState
-    header: dict
-    optimizer: optax.GradientTransformation
-
-
-def _single_layer_path(path: str) -> str:
-    """A leaf path of a checkpoint written when the model was one ``LSTMParams`` (and the carry one
-    ``LSTMState``) as the path of the same leaf in a one-layer stack."""
-    return path.replace("['lstm'].", "['lstm'][0][0].").replace("['carry'].", "['carry'][0][0].")
-
-
-def enable_x64_if(dtype: str | None) -> None:
-    """Turn on ``jax_enable_x64`` for a float64 run (the command line's way to honour ``--dtype float64``)."""
-    if dtype == "float64" and not jax.config.jax_enable_x64:
-        jax.config.update("jax_enable_x64", True)
-
-
-def load_run(path: str | os.PathLike, config: TrainConfig | None = None) -> LoadedRun:
-    """Read a checkpoint and rebuild its task, data, optimizer and state.
-
-    Args:
-      path: a checkpoint file, or a run directory holding ``checkpoint.npz``.
-      config: an already resolved config to check the checkpoint against;
-        None uses the checkpoint's own.
-
-    Raises:
-      CheckpointError: missing, corrupted, or of another model.
-    """
-    path = checkpoint_path(path)
-    header = checkpoint.read_header(path)
-    if config is None:
-        config = _config_from_header(header)
-        enable_x64_if(config.dtype)
-        try:
-            config = config.resolved()
-        except (ValueError, TypeError) as e:
-            raise checkpoint.CheckpointError(f"checkpoint {path} has an invalid config: {e}") from None
-    task = get_task(config.task)
-    info = header.get("meta", {}).get("info") or None
-    try:
-        data = task.setup(config, info=info)
-    except (ValueError, TypeError, KeyError) as e:
-        raise checkpoint.CheckpointError(f"checkpoint {path} does not fit the {task.name} data: {e}") from None
-    if info and task.info(data) != info:
-        print(
-            f"warning: the {task.name} data differ from those the checkpoint {path} was trained on "
-            "(another Python version's pydoc_data?); results will not match the original run",
-            file=sys.stderr,
-        )
-    optimizer, _ = make_optimizer(config)
-    template = init_state(task, config, data, optimizer)
-    one_layer = len(template.params["lstm"]) == 1 and len(template.params["lstm"][0]) == 1
-    arrays, header = checkpoint.restore(path, template.arrays(), rename=_single_layer_path if one_layer else None)
-    step = header.get("meta", {}).get("step")
-    if not isinstance(step, int) or step < 0:
-        raise checkpoint.CheckpointError(f"checkpoint {path} has no valid step in its metadata (got {step!r})")
-    state = TrainState(step, arrays["params"], arrays["opt_state"], arrays["key"], arrays["carry"])
-    return LoadedRun(task, config, data, state, header, optimizer)
-
-
 # --------------------------------------------------------------------------- the loop's parts
-
-
-class _Plan(NamedTuple):
-    """A run checked and ready to start: nothing has been written yet."""
-
-    config: TrainConfig
-    task: Task
-    data: Any
-    optimizer: optax.GradientTransformation
-    state: TrainState
-    out_dir: Path | None
-    metrics_path: Path | None
-    resumed: bool
-    elapsed0: float  # seconds spent by the earlier runs of a resumed run
-    checkpoint: Path | None  # the checkpoint resumed from
-    mesh: Any  # the data-parallel mesh, or None for one device
-
-
-def _resume_config(config: TrainConfig, ckpt: Path) -> TrainConfig:
-    """The checkpoint's config with this call's ``RESUMABLE_FIELDS``; ``ResumeConflict`` if a fixed field differs."""
-    saved = _config_from_header(checkpoint.read_header(ckpt))
-    enable_x64_if(saved.dtype)
-    try:
-        saved = saved.resolved()  # an older checkpoint's missing fields take their defaults
-    except (ValueError, TypeError) as e:
-        raise checkpoint.CheckpointError(f"checkpoint {ckpt} has an invalid config: {e}") from None
-    conflicts = resume_conflicts(dataclasses.asdict(config), dataclasses.asdict(saved), FIXED_FIELDS)
-    if conflicts:
-        raise ResumeConflict(ckpt, conflicts, RESUMABLE_FIELDS)
-    changes = {name: getattr(config, name) for name in RESUMABLE_FIELDS if getattr(config, name) is not None}
-    return dataclasses.replace(saved, **changes).resolved()
-
-
-def _mesh(devices: int | None, batch_size: int) -> parallel.Mesh | None:
-    """The data-parallel mesh, or None for one device; ValueError if ``devices`` or the batch does not fit."""
-    if devices is None and jax.process_count() == 1:
-        return None
-    mesh = parallel.make_mesh(devices)
-    n = mesh.devices.size
-    if batch_size % n:
-        raise ValueError(
-            f"batch_size {batch_size} does not divide over {n} devices; use a batch size that is a multiple of {n}"
-        )
-    return mesh
-
-
-def _plan(config: TrainConfig, out_dir, resume, force: bool, metrics_path, devices: int | None) -> _Plan:
-    """Resolve the config, read the checkpoint to resume, check the paths and the devices; write nothing."""
-    ckpt = None
-    if resume:
-        ckpt = checkpoint_path(out_dir if resume is True else resume)
-        out_dir = ckpt.parent if out_dir is None else out_dir
-        config = _resume_config(config, ckpt)
-        loaded = load_run(ckpt, config)
-        task, data, optimizer, state = loaded.task, loaded.data, loaded.optimizer, loaded.state
-        elapsed0 = float(loaded.header.get("meta", {}).get("elapsed", 0.0))
-    else:
-        config = config.resolved()
-        task = get_task(config.task)
-        data = task.setup(config)
-        optimizer, _ = make_optimizer(config)
-        state = init_state(task, config, data, optimizer)
-        elapsed0 = 0.0
-    out_dir, metrics_path = check_paths(out_dir, metrics_path, resume=bool(resume), force=force)
-    mesh = _mesh(devices, int(config.batch_size))
-    return _Plan(config, task, data, optimizer, state, out_dir, metrics_path, bool(resume), elapsed0, ckpt, mesh)
 
 
 def _jsonable(x):
@@ -740,13 +373,13 @@ def train(
     """
     stream = stream if stream is not None else sys.stderr
     with Interrupts() if interrupts is None else contextlib.nullcontext(interrupts) as interrupts:
-        plan = _plan(config, out_dir, resume, force, metrics_path, devices)
+        plan = plan_run(config, out_dir, resume, force, metrics_path, devices)
         if interrupts.requested:
             return _unstarted(plan, f"{_interrupted(interrupts)} during start-up; nothing was written")
         files = RunFiles(plan.out_dir, plan.metrics_path)
         if files.lock_dir(resume=bool(resume), force=force, checked=plan.checkpoint):
             try:  # another run wrote the checkpoint after it was read: read it again, under the lock
-                plan = _plan(config, out_dir, resume, force, metrics_path, devices)
+                plan = plan_run(config, out_dir, resume, force, metrics_path, devices)
             except BaseException:
                 files.abort()
                 raise
@@ -759,7 +392,7 @@ def train(
         return result
 
 
-def _run(plan: _Plan, files: RunFiles, callbacks, progress: str, stream, plot: bool, interrupts) -> TrainResult:
+def _run(plan: Plan, files: RunFiles, callbacks, progress: str, stream, plot: bool, interrupts) -> TrainResult:
     """Train from a plan into files whose lock is held."""
     config, task, data = plan.config, plan.task, plan.data
     lstm_fn = GRADS[config.grad]
@@ -767,7 +400,7 @@ def _run(plan: _Plan, files: RunFiles, callbacks, progress: str, stream, plot: b
     records = earlier_records(plan.metrics_path, plan.state.step) if plan.resumed else []
     resumed_at = plan.state.step if plan.resumed else None
     interrupts.kept = files.kept
-    files.start(_describe_run(config, task, info, n_params, baselines), records, resumed_at)
+    files.start(describe_run(config, task, info, n_params, baselines), records, resumed_at)
     device = _device(make_train_step(task, plan.optimizer, lstm_fn, config), plan.mesh, int(config.batch_size), stream)
     clock = _Clock(plan.elapsed0)
     meta = {"info": info, "task": task.name, "baselines": baselines}
@@ -799,7 +432,7 @@ def _run(plan: _Plan, files: RunFiles, callbacks, progress: str, stream, plot: b
     )
 
 
-def _unstarted(plan: _Plan, message: str) -> TrainResult:
+def _unstarted(plan: Plan, message: str) -> TrainResult:
     """The result of a run stopped before it wrote anything."""
     n_params = count_params(plan.state.params)
     baselines = plan.task.baselines(plan.data)
@@ -866,17 +499,6 @@ def _finish(stop: _Stop, state: TrainState, log: _Logger, first_step: int) -> _S
         where = f"checkpoint at step {log.files.last_saved} in {log.files.checkpoint}, continue with --resume"
         stop = _Stop("interrupted", f"{stop.message}; {where}")
     return stop
-
-
-def _describe_run(config: TrainConfig, task: Task, info: dict, n_params: int, baselines: dict) -> dict:
-    """The content of ``config.json``."""
-    return {
-        "config": dataclasses.asdict(config),
-        "task": {"name": task.name, "metric": task.metric, "metric_label": task.metric_label, **info},
-        "parameters": n_params,
-        "baselines": baselines,
-        "versions": {"python": sys.version.split()[0], "jax": jax.__version__, "optax": optax.__version__},
-    }
 
 
 def _start_line(config: TrainConfig, task: Task, n_params: int, baselines: dict, resumed_at: int | None) -> str:
