@@ -412,8 +412,8 @@ def _run(plan: Plan, files: RunFiles, callbacks, progress: str, stream, plot: bo
         state, losses, stop = _loop(device.put(plan.state), task, data, config, device, log, bar, clock, interrupts)
         bar.close()
         stop = _finish(stop, state, log, plan.state.step)
-        if plot and plan.out_dir is not None and records:
-            with files.writing(plan.out_dir / "curves.png"):
+        if plot and plan.out_dir is not None and records:  # the run is over: a signal now changes nothing
+            with interrupts.critical(final=True), files.writing(plan.out_dir / "curves.png"):
                 plot_curves(records, task, baselines, plan.out_dir / "curves.png")
     finally:
         bar.close()
