@@ -303,7 +303,7 @@ def _train(prog: str, argv: Sequence[str], interrupts: Interrupts) -> int:
             if demo:
                 print(demo)
     if result.stop == "nan":
-        return _error(prog, result.message, EXIT_FAIL)
+        return _error(prog, f"{result.message}. Try a lower --lr or a smaller --clip.", EXIT_FAIL)
     print(f"{prog}: {result.message}", file=sys.stderr)
     if result.stop == "interrupted":
         return EXIT_SIGNAL[interrupts.requested or signal.SIGINT]

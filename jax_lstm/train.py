@@ -292,7 +292,7 @@ def _nan_message(what: str, step: int, files: RunFiles) -> str:
         kept = "no checkpoint had been written yet"
     else:
         kept = f"the last good checkpoint (step {files.last_saved}) is kept in {files.checkpoint}"
-    return f"stopped: {what} at step {step}; {kept}. Try a lower --lr or a smaller --clip."
+    return f"stopped: {what} at step {step}; {kept}"
 
 
 class _Stop(NamedTuple):
