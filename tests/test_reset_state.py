@@ -150,7 +150,7 @@ def test_stack_reset_states_and_vmap():
     rng = np.random.default_rng(7)
     resets = ((LSTMState(*(jnp.asarray(rng.normal(size=(B, H))) for _ in "hc")), None), None)
     rs = jnp.asarray(RESETS)
-    out = [lstm_stack(params, xs, resets=rs, reset_states=resets, impl=i)[0] for i in ("manual", "ref")]
+    out = [lstm_stack(params, xs, resets=rs, reset_states=resets, impl=i)[0] for i in ("manual", "autodiff")]
     np.testing.assert_allclose(out[0], out[1], rtol=1e-12)
     # layer 0 forward by hand: the same call of lstm with that reset state
     h0_fwd, _ = lstm(params[0][0], xs, resets=rs, reset_state=resets[0][0])
@@ -224,7 +224,7 @@ def test_custom_activations_values_and_gradients(name, gate_fn, act_fn, gate_np,
         assert np.max(np.abs(np.asarray(a, np.float64) - b)) <= 2e-5 * np.max(np.abs(b))
     # a stack passes them to every layer
     stack = init_stack(jax.random.PRNGKey(1), D, [H, 2], dtype=jnp.float64)
-    out = [lstm_stack(stack, xs, gate_fn=gate_fn, activation_fn=act_fn, impl=i)[0] for i in ("manual", "ref")]
+    out = [lstm_stack(stack, xs, gate_fn=gate_fn, activation_fn=act_fn, impl=i)[0] for i in ("manual", "autodiff")]
     np.testing.assert_allclose(out[0], out[1], rtol=1e-12)
 
 

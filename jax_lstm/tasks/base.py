@@ -29,10 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jax_lstm.bptt import lstm
 from jax_lstm.cell import LSTMState
-from jax_lstm.layers import _IMPLS, init_stack, lstm_stack
-from jax_lstm.reference import lstm_ref
+from jax_lstm.layers import IMPLS, init_stack, lstm_stack
 
 __all__ = [
     "Task",
@@ -49,10 +47,10 @@ __all__ = [
 
 # lstm or lstm_ref: which LSTM the stack runs (the hand-written BPTT or autodiff through lax.scan)
 LSTMFn = Callable[..., tuple[jax.Array, LSTMState]]
-# The one table of the two implementations, by the names ``--grad`` takes: the hand-written BPTT, or
-# autodiff through lax.scan (the oracle).
-GRADS: dict[str, LSTMFn] = {"manual": lstm, "autodiff": lstm_ref}
-_STACK_IMPL = {fn: name for name, fn in _IMPLS.items()}  # lstm_stack's ``impl`` of each function
+# The one table of the two implementations (``jax_lstm.layers.IMPLS``), by the names ``--grad`` and
+# ``lstm_stack(impl=...)`` take: the hand-written BPTT, or autodiff through lax.scan (the oracle).
+GRADS: dict[str, LSTMFn] = IMPLS
+_STACK_IMPL = {fn: name for name, fn in IMPLS.items()}  # the name of each function
 
 
 class Task:
