@@ -57,6 +57,25 @@ def _nested(carry):
     return ((carry,),) if isinstance(carry, LSTMState) else carry
 
 
+def _flax_form(carry, sizes, bidirectional):
+    """Our stack nesting as Flax writes carries: plain (c, h) per direction, (fwd, bwd) per bidirectional layer."""
+    layers = tuple(tuple((s.c, s.h) for s in layer) if bidirectional else (layer[0].c, layer[0].h) for layer in carry)
+    return layers[0] if len(sizes) == 1 else layers
+
+
+def _from_flax_form(carry, sizes, bidirectional):
+    """A Flax-module carry (LSTMCarry per direction) as our stack nesting of LSTMState, checking its form."""
+    layers = (carry,) if len(sizes) == 1 else carry
+    out = []
+    for layer in layers:
+        dirs = layer if bidirectional else (layer,)
+        for d in dirs:
+            c, h = d  # unpacks as Flax's (c, h)
+            assert c is d.c and h is d.h
+        out.append(tuple(LSTMState(h=d.h, c=d.c) for d in dirs))
+    return tuple(out)
+
+
 def _vjp(fn, *primals_and_cts):
     """jit(vjp) of fn(*primals) -> (outputs, carry); returns (outputs, carry, grads)."""
 
@@ -143,8 +162,8 @@ def test_nnx_matches_flax(nnx, sizes, bidirectional, dtype):
 
     def ours(params, xs, carry):
         m = nnx.merge(gd, params, rest)
-        c, y = m(xs, initial_carry=_single(carry, sizes, bidirectional), seq_lengths=lengths, return_carry=True)
-        return y, _nested(c)
+        c, y = m(xs, initial_carry=_flax_form(carry, sizes, bidirectional), seq_lengths=lengths, return_carry=True)
+        return y, _from_flax_form(c, sizes, bidirectional)
 
     def theirs(params, xs, carry):
         m = nnx.merge(gd_r, params, rest_r)
@@ -250,13 +269,19 @@ def test_nnx_errors(nnx):
 
     model = LSTM(D, 5, rngs=nnx.Rngs(0))
     x, _ = _regression()
-    with pytest.raises(ValueError, match=r"inputs has shape \(3, 6\), expected \(B, T, D\)"):
+    with pytest.raises(ValueError, match=r"inputs has shape \(3, 6\), expected \(\*batch, T, D\) with D = 4"):
         model(x[..., 0])
-    with pytest.raises(ValueError, match=r"expected \(B, T, D\) with D = 4"):
+    with pytest.raises(ValueError, match=r"expected \(\*batch, T, D\) with D = 4"):
         model(x[..., :3])
     h = jnp.zeros((B, 5))
-    with pytest.raises(TypeError, match=r"Flax's LSTM cells use \(c, h\)"):
-        model(x, initial_carry=(h, h))
+    with pytest.raises(TypeError, match=r"plain pair of arrays read \(c, h\)"):
+        model(x, initial_carry=(h, h, h))
+    with pytest.raises(ValueError, match=r"initial_carry.h has shape \(3, 4\), expected \(\*batch, H\) = \(3, 5\)"):
+        model(x, initial_carry=(h, h[:, :4]))
+    with pytest.raises(ValueError, match=r"seq_lengths has shape \(2,\), expected \(\*batch,\) = \(3,\)"):
+        model(x, seq_lengths=jnp.array([1, 2]))
+    with pytest.raises(ValueError, match=r"resets has shape \(6, 3\), expected \(\*batch, T\) = \(3, 6\)"):
+        model(x, resets=jnp.zeros((T, B), bool))
     with pytest.raises(ValueError, match="num_layers=3"):
         LSTM(D, (5, 4), num_layers=3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
@@ -264,7 +289,7 @@ def test_nnx_errors(nnx):
     two = LSTM.from_params(init_stack(jax.random.PRNGKey(0), D, (5, 5)), dropout=0.5)
     with pytest.raises(ValueError, match="'dropout' rng stream"):
         two(x)
-    with pytest.raises(TypeError, match="one LSTMState"):
+    with pytest.raises(TypeError, match=r"one entry per layer \(2\).*\(one direction's carry\)"):
         two(x, initial_carry=LSTMState(h, h), rngs=nnx.Rngs(dropout=0))
     assert two(x, rngs=nnx.Rngs(dropout=0)).shape == (B, T, 5)
     mixed = init_stack(jax.random.PRNGKey(0), D, (5,)) + init_stack(jax.random.PRNGKey(1), 5, (5,), bidirectional=True)
@@ -315,7 +340,7 @@ def test_linen_matches_flax(nn, sizes, bidirectional, dtype):
         c, y = model.apply(
             v, xs, initial_carry=_single(carry, sizes, bidirectional), seq_lengths=lengths, return_carry=True
         )
-        return y, _nested(c)
+        return y, _from_flax_form(c, sizes, bidirectional)
 
     def theirs(vs, xs, carry):
         finals = []
@@ -393,14 +418,14 @@ def test_linen_errors(nn):
     from jax_lstm.linen import LSTM, from_variables
 
     x, _ = _regression()
-    with pytest.raises(ValueError, match=r"expected \(B, T, D\)"):
-        LSTM(5).init(jax.random.PRNGKey(0), x[0])
+    with pytest.raises(ValueError, match=r"expected \(\*batch, T, D\)"):
+        LSTM(5).init(jax.random.PRNGKey(0), x[0, 0])
     with pytest.raises(ValueError, match="num_layers=3"):
         LSTM((5, 4), num_layers=3).init(jax.random.PRNGKey(0), x)
     v = LSTM(5).init(jax.random.PRNGKey(0), x)
     h = jnp.zeros((B, 5))
     with pytest.raises(TypeError, match=r"\(c, h\)"):
-        LSTM(5).apply(v, x, initial_carry=(h, h))
+        LSTM(5).apply(v, x, initial_carry=[h])
     from flax.errors import ScopeParamShapeError
 
     with pytest.raises(ScopeParamShapeError, match=r"\(3, 20\).*\(4, 20\)"):  # Flax checks D
@@ -538,8 +563,8 @@ def test_eqx_errors(eqx):
     with pytest.raises(ValueError, match=r"mask has shape \(5,\), expected \(T,\)"):
         model(x[0], mask=jnp.ones((5,), bool))
     h = jnp.zeros((5,))
-    with pytest.raises(TypeError, match=r"LSTMState\(h, c\)"):
-        model(x[0], (h, h))
+    with pytest.raises(TypeError, match=r"read \(h, c\) as eqx.nn.LSTMCell"):
+        model(x[0], (h, h, h))
     with pytest.raises(ValueError, match="needs a key"):
         LSTM(D, 5, recurrent_dropout=0.3, key=jax.random.PRNGKey(0))(x[0])
     with pytest.raises(ValueError, match="num_layers=3"):
