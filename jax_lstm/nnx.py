@@ -236,17 +236,22 @@ class LSTM(nnx.Module):
         if deterministic is not None:
             self.deterministic = deterministic
 
-    def initialize_carry(self, input_shape: Sequence[int], rngs: nnx.Rngs | nnx.RngStream | None = None):
+    def initialize_carry(
+        self,
+        input_shape: Sequence[int],
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+        carry_init: Callable | None = None,
+    ):
         """The carry for inputs of one step of shape ``(*batch, D)``, from ``carry_init`` (zeros by default).
 
         As ``nnx.OptimizedLSTMCell.initialize_carry``: h, c: (*batch, H_l) in
         ``param_dtype``; ``rngs`` (its ``carry`` stream) gives the keys of a
-        random ``carry_init``.
+        random initializer; ``carry_init`` here overrides the constructor's.
         """
         key = _key(rngs, "carry")
         key = jax.random.key(0) if key is None else key
         states = make_carry(
-            self.carry_init,
+            self.carry_init if carry_init is None else carry_init,
             key,
             tuple(input_shape)[:-1],
             self.hidden_features,
