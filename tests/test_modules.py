@@ -682,8 +682,9 @@ def test_flax_step_matches_the_sequence_call(nnx, nn):
     module = jl.LSTM((5, 3), return_carry=True)
     variables = jl.to_variables(model.to_params())
     step_carry = module.initialize_carry(jax.random.PRNGKey(0), xs[:, 0].shape)
+    linen_step = jax.jit(lambda v, c, x: module.apply(v, c, x, method="step"))
     for t in range(T):
-        step_carry, y = module.apply(variables, step_carry, xs[:, t], method="step")
+        step_carry, y = linen_step(variables, step_carry, xs[:, t])
         assert rel_err(y, ys[:, t]) < 1e-12
     assert rel_err(step_carry, carry) < 1e-12
     with pytest.raises(ValueError, match="step is for unidirectional modules"):
@@ -695,20 +696,24 @@ def test_flax_merge_fn_and_reverse(nnx):
     from jax_lstm.nnx import LSTM
 
     xs, lengths = _arr(0, B, T, D), jnp.asarray(LENGTHS)
-    model = LSTM(D, (5, 3), bidirectional=True, merge_fn=lambda f, b: f + b, rngs=nnx.Rngs(0))
-    ys = model(xs, seq_lengths=lengths)
-    ys_r, _ = lstm_stack(model.to_params(), xs, seq_lengths=lengths, time_major=False)
-    assert ys.shape == (B, T, 3) and rel_err(ys, ys_r[..., :3] + ys_r[..., 3:]) < 1e-12
     with pytest.raises(ValueError, match="reverse=True is for unidirectional"):
         LSTM(D, 5, bidirectional=True, reverse=True, rngs=nnx.Rngs(0))
-    # reverse: processing order (Flax's), keep_order: the inputs' order (= lstm's reverse=True)
+    model = LSTM(D, (5, 3), bidirectional=True, merge_fn=lambda f, b: f + b, rngs=nnx.Rngs(0))
     uni = LSTM(D, 5, rngs=nnx.Rngs(0))
-    (p,) = uni.to_params()[0]
     from jax_lstm import lstm
 
-    want, _ = lstm(p, xs, seq_lengths=lengths, reverse=True, time_major=False)
-    assert rel_err(uni(xs, seq_lengths=lengths, reverse=True, keep_order=True), want) < 1e-12
-    processing = uni(xs, seq_lengths=lengths, reverse=True)
+    @nnx.jit
+    def run(model, uni):
+        ys = model(xs, seq_lengths=lengths)
+        ys_r, _ = lstm_stack(model.to_params(), xs, seq_lengths=lengths, time_major=False)
+        want, _ = lstm(uni.to_params()[0][0], xs, seq_lengths=lengths, reverse=True, time_major=False)
+        kept = uni(xs, seq_lengths=lengths, reverse=True, keep_order=True)
+        return ys, ys_r, want, kept, uni(xs, seq_lengths=lengths, reverse=True)
+
+    ys, ys_r, want, kept, processing = run(model, uni)
+    assert ys.shape == (B, T, 3) and rel_err(ys, ys_r[..., :3] + ys_r[..., 3:]) < 1e-12
+    # reverse: processing order (Flax's), keep_order: the inputs' order (= lstm's reverse=True)
+    assert rel_err(kept, want) < 1e-12
     for b, n in enumerate(LENGTHS):
         assert rel_err(processing[b, :n], want[b, :n][::-1]) < 1e-12
         assert np.all(np.asarray(processing[b, n:]) == 0.0)
