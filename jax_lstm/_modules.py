@@ -7,7 +7,7 @@ which calls ``jax_lstm.layers.lstm_stack`` (the hand-written BPTT). A module's
 Carries. One direction's state is read by field names when it is an
 ``LSTMState(h, c)`` or an ``LSTMCarry(c, h)``; a plain 2-tuple is read in the
 order of the module's library (``order``): ``(c, h)`` for Flax, whose cells
-unpack ``c, h = carry``, and ``(h, c)`` for Equinox, whose ``LSTMCell`` does.
+unpack ``c, h = carry``, and ``(h, c)`` for Equinox, whose ``LSTMCell`` takes that.
 
 * Flax modules (``style="flax"``) return ``LSTMCarry(c, h)`` per direction, in
   Flax's nesting: one unidirectional layer is one ``LSTMCarry`` (as
@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_lstm import _inputs
 from jax_lstm.cell import LSTMParams, LSTMState
 from jax_lstm.layers import init_stack, lstm_stack, stack_sizes
 
@@ -92,12 +93,8 @@ def hidden_sizes(hidden, num_layers, name: str = "hidden_features") -> tuple[int
 
 
 def check_rate(value, name: str) -> float:
-    """A dropout rate as a Python float in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (float, int, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a Python float in [0, 1), got {type(value).__name__}")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return float(value)
+    """A dropout rate as a Python float in [0, 1) (its key comes with each call, not with the module)."""
+    return _inputs.check_rate(name, value, key=True)
 
 
 def layout(stack) -> tuple[int, tuple[int, ...], bool]:
@@ -235,9 +232,7 @@ def read_carry(carry, n_layers: int, n_dir: int, style: str, name: str = "initia
     order = _ORDER[style]
     if n_layers == 1:
         if isinstance(carry, (tuple, list)) and len(carry) == 1 and not _is_array(carry[0]):
-            inner = carry[0]  # the stack's nesting: (layer,)
-            if n_dir == 2 or not _is_direction(carry):
-                return (_read_layer(inner, n_dir, order, f"{name}[0]"),)
+            return (_read_layer(carry[0], n_dir, order, f"{name}[0]"),)  # the stack's nesting: (layer,)
         return (_read_layer(carry, n_dir, order, name),)
     if _is_direction(carry) or not isinstance(carry, (tuple, list)) or len(carry) != n_layers:
         raise TypeError(
