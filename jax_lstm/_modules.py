@@ -304,10 +304,8 @@ def _check_flags(name, a, batch_shape, T, time_major):
         return None
     want = (T, *batch_shape) if time_major else (*batch_shape, T)
     if getattr(a, "shape", None) is None or tuple(a.shape) != want:
-        raise ValueError(
-            f"{name} has shape {None if getattr(a, 'shape', None) is None else tuple(a.shape)}, expected "
-            f"{'(T, *batch)' if time_major else '(*batch, T)'} = {want} from inputs"
-        )
+        layout = "(T, *batch)" if time_major else "(*batch, T)"
+        raise _inputs.shape_error(name, getattr(a, "shape", None), f"{layout} = {want} from inputs")
     a = jnp.asarray(a)
     return a.reshape(T, -1) if time_major else jnp.moveaxis(a, -1, 0).reshape(T, -1)
 
@@ -325,10 +323,8 @@ def _check_state_shapes(states, batch_shape, sizes, name):
                 want = (*batch_shape, sizes[l])
                 if shape is None or tuple(shape) != want:
                     where = name if len(states) == 1 and len(layer) == 1 else f"{name} (layer {l}, direction {k})"
-                    raise ValueError(
-                        f"{where}.{field} has shape {None if shape is None else tuple(shape)}, expected "
-                        f"(*batch, H) = {want} from inputs and the layer's hidden size"
-                    )
+                    why = f"(*batch, H) = {want} from inputs and the layer's hidden size"
+                    raise _inputs.shape_error(f"{where}.{field}", shape, why)
 
 
 def run_stack(
@@ -391,10 +387,9 @@ def run_stack(
         raise TypeError(f"{name} must be an array, got {type(inputs).__name__}")
     axes = "(T, *batch, D)" if time_major else "(*batch, T, D)"
     if inputs.ndim < 2 or inputs.shape[-1] != d0:
-        raise ValueError(
-            f"{name} has shape {tuple(inputs.shape)}, expected {axes} with D = {d0} "
-            f"({'time-major' if time_major else 'batch-major'}; the module was built for {d0} input features)"
-        )
+        major = "time-major" if time_major else "batch-major"
+        why = f"{axes} with D = {d0} ({major}; the module was built for {d0} input features)"
+        raise _inputs.shape_error(name, inputs.shape, why)
     if reverse and bidirectional:
         raise ValueError("reverse=True is for unidirectional modules; a bidirectional one runs both ways")
     inputs = jnp.asarray(inputs)
@@ -408,10 +403,8 @@ def run_stack(
     if seq_lengths is not None:
         shape = getattr(seq_lengths, "shape", None)
         if shape is None or tuple(shape) != tuple(batch_shape):
-            raise ValueError(
-                f"seq_lengths has shape {None if shape is None else tuple(shape)}, expected (*batch,) = "
-                f"{tuple(batch_shape)} from {name} {tuple(inputs.shape)}"
-            )
+            why = f"(*batch,) = {tuple(batch_shape)} from {name} {tuple(inputs.shape)}"
+            raise _inputs.shape_error("seq_lengths", shape, why)
         if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
             raise TypeError(f"seq_lengths must have an integer dtype, got {seq_lengths.dtype}")
         seq_lengths = jnp.asarray(seq_lengths).reshape(B)

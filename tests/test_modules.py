@@ -708,9 +708,15 @@ def test_flax_merge_fn_and_reverse(nnx):
         ys_r, _ = lstm_stack(model.to_params(), xs, seq_lengths=lengths, time_major=False)
         want, _ = lstm(uni.to_params()[0][0], xs, seq_lengths=lengths, reverse=True, time_major=False)
         kept = uni(xs, seq_lengths=lengths, reverse=True, keep_order=True)
-        return ys, ys_r, want, kept, uni(xs, seq_lengths=lengths, reverse=True)
+        flags = dict(seq_lengths=lengths, mask=mask, resets=resets)  # flipped with the inputs
+        want_m, _ = lstm(uni.to_params()[0][0], xs, **flags, reverse=True, time_major=False)
+        kept_m = uni(xs, **flags, reverse=True, keep_order=True)
+        return ys, ys_r, want, kept, uni(xs, seq_lengths=lengths, reverse=True), want_m, kept_m
 
-    ys, ys_r, want, kept, processing = run(model, uni)
+    mask = jnp.asarray(np.random.default_rng(1).random((B, T)) < 0.7)
+    resets = jnp.asarray(np.random.default_rng(2).random((B, T)) < 0.3)
+    ys, ys_r, want, kept, processing, want_m, kept_m = run(model, uni)
+    assert rel_err(kept_m, want_m) < 1e-12
     assert ys.shape == (B, T, 3) and rel_err(ys, ys_r[..., :3] + ys_r[..., 3:]) < 1e-12
     # reverse: processing order (Flax's), keep_order: the inputs' order (= lstm's reverse=True)
     assert rel_err(kept, want) < 1e-12
