@@ -22,7 +22,7 @@ unpack ``c, h = carry``, and ``(h, c)`` for Equinox, whose ``LSTMCell`` takes th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -427,15 +427,22 @@ def run_stack(
         xs = flip_sequences(xs, seq_lengths)
         mask = None if mask is None else flip_sequences(mask, seq_lengths)
         resets = None if resets is None else flip_sequences(resets, seq_lengths)
-    options: dict[str, Any] = dict(seq_lengths=seq_lengths, mask=mask, resets=resets, unroll=unroll)
-    if reset_states is not None:
-        options["reset_states"] = reset_states
-    if gate_fn is not jax.nn.sigmoid or activation_fn is not jnp.tanh:
-        options["gate_fn"], options["activation_fn"] = gate_fn, activation_fn
     dropout = dropout if len(sizes) > 1 else 0.0  # between layers only
-    rates = dict(dropout=dropout, recurrent_dropout=recurrent_dropout)
-    key = key if (dropout > 0.0 or recurrent_dropout > 0.0) else None
-    hs, finals = lstm_stack(stack, xs, states0, **options, **rates, key=key)
+    hs, finals = lstm_stack(
+        stack,
+        xs,
+        states0,
+        seq_lengths=seq_lengths,
+        mask=mask,
+        resets=resets,
+        reset_states=reset_states,
+        dropout=dropout,
+        recurrent_dropout=recurrent_dropout,
+        key=key if (dropout > 0.0 or recurrent_dropout > 0.0) else None,
+        unroll=unroll,
+        gate_fn=gate_fn,
+        activation_fn=activation_fn,
+    )
     if merge_fn is not None and bidirectional:
         hs = merge_fn(hs[..., : sizes[-1]], hs[..., sizes[-1] :])
     if reverse and keep_order:
