@@ -368,9 +368,11 @@ def run_stack(
         the inputs (as Flax's ``promote_dtype``).
       seq_lengths: (*batch,) integer lengths; mask, resets: (*batch, T) bool
         ((T, *batch) time-major), as ``lstm_stack`` takes them.
-      reverse: every layer reads each sequence from its last valid step to its
-        first; the outputs are in that processing order (as Flax's ``RNN``)
-        unless ``keep_order``, which puts them back in the order of the inputs.
+      reverse: every layer visits the steps T - 1 down to 0 as ``lstm``'s
+        ``reverse=True`` does (each sequence from its last valid step to its
+        first; a reset at a padded step acts before the first valid one); the
+        outputs are in processing order, padding at the end (as Flax's
+        ``RNN``), unless ``keep_order``, which gives them in the inputs' order.
       unroll, gate_fn, activation_fn: passed to ``lstm_stack``.
       merge_fn: ``merge_fn(forward, backward)`` on the last bidirectional
         layer's two (T, B, H_L) outputs (None: concatenation); the layers
@@ -423,16 +425,18 @@ def run_stack(
     stack = jax.tree.map(lambda a: jnp.asarray(a, comp), stack)
     xs = xs.astype(comp)
 
-    if reverse:
-        xs = flip_sequences(xs, seq_lengths)
-        mask = None if mask is None else flip_sequences(mask, seq_lengths)
-        resets = None if resets is None else flip_sequences(resets, seq_lengths)
+    lengths = seq_lengths
+    if reverse:  # visit T - 1 down to 0, as lstm's reverse=True: run forward over the time-flipped steps
+        if lengths is not None:
+            valid = jnp.arange(T)[:, None] < lengths[None, :]
+            mask, lengths = (valid if mask is None else mask & valid), None
+        xs, mask, resets = (None if a is None else a[::-1] for a in (xs, mask, resets))
     dropout = dropout if len(sizes) > 1 else 0.0  # between layers only
     hs, finals = lstm_stack(
         stack,
         xs,
         states0,
-        seq_lengths=seq_lengths,
+        seq_lengths=lengths,
         mask=mask,
         resets=resets,
         reset_states=reset_states,
@@ -445,8 +449,10 @@ def run_stack(
     )
     if merge_fn is not None and bidirectional:
         hs = merge_fn(hs[..., : sizes[-1]], hs[..., sizes[-1] :])
-    if reverse and keep_order:
-        hs = flip_sequences(hs, seq_lengths)
+    if reverse:
+        hs = hs[::-1]  # the inputs' order
+        if not keep_order:
+            hs = flip_sequences(hs, seq_lengths)  # Flax's processing order: step t of row b is step L_b - 1 - t
     hs = jnp.moveaxis(hs.reshape(T, *batch_shape, hs.shape[-1]), 0, t_axis)
     finals = _states_map(lambda a: a.reshape(*batch_shape, a.shape[-1]), finals)
     return write_carry(finals, style), hs

@@ -725,6 +725,46 @@ def test_flax_merge_fn_and_reverse(nnx):
         assert np.all(np.asarray(processing[b, n:]) == 0.0)
 
 
+def test_flax_resets_restore_reset_carry_against_the_oracle(nnx):
+    """Resets go back to reset_carry (zeros when None), per row, with batch axes, reverse and a bidirectional layer."""
+    from numpy_oracle import lstm_np
+
+    from jax_lstm.nnx import LSTM
+
+    rng = np.random.default_rng(0)
+    xs = _arr(0, 2, 2, T, D)  # batch axes (2, 2)
+    lengths = np.array([[6, 4], [1, 5]])
+    resets = rng.random((2, 2, T)) < 0.3
+    init, reset = [(_arr(1 + 2 * k, 2, 2, 5), _arr(2 + 2 * k, 2, 2, 5)) for k in range(2)]  # Flax's (c, h)
+    flat = lambda a: np.asarray(a).reshape(4, *np.shape(a)[2:])  # noqa: E731
+    kw = dict(seq_lengths=flat(lengths), resets=flat(resets), time_major=False)
+
+    uni = LSTM(D, 5, reverse=True, keep_order=True, return_carry=True, rngs=nnx.Rngs(0))
+    (p,) = uni.to_params()[0]
+    for rc in (reset, None):
+        carry, ys = uni(
+            xs, initial_carry=init, seq_lengths=jnp.asarray(lengths), resets=jnp.asarray(resets), reset_carry=rc
+        )
+        hr, cr = (None, None) if rc is None else (flat(rc[1]), flat(rc[0]))
+        hs, h, c = lstm_np(*p, flat(xs), flat(init[1]), flat(init[0]), hr=hr, cr=cr, reverse=True, **kw)
+        assert rel_err(ys.reshape(4, T, 5), hs) < 1e-12
+        assert rel_err(carry.h.reshape(4, 5), h) < 1e-12 and rel_err(carry.c.reshape(4, 5), c) < 1e-12
+
+    bi = LSTM(D, 5, bidirectional=True, return_carry=True, rngs=nnx.Rngs(1))
+    carry, ys = bi(
+        xs,
+        initial_carry=(init, init),
+        seq_lengths=jnp.asarray(lengths),
+        resets=jnp.asarray(resets),
+        reset_carry=(reset, None),
+    )  # forward resets to `reset`, backward to zeros
+    for k, (p, rc) in enumerate(zip(bi.to_params()[0], (reset, None), strict=True)):
+        hr, cr = (None, None) if rc is None else (flat(rc[1]), flat(rc[0]))
+        hs, h, c = lstm_np(*p, flat(xs), flat(init[1]), flat(init[0]), hr=hr, cr=cr, reverse=k == 1, **kw)
+        assert rel_err(ys.reshape(4, T, 10)[..., 5 * k : 5 * k + 5], hs) < 1e-12
+        assert rel_err(carry[k].h.reshape(4, 5), h) < 1e-12 and rel_err(carry[k].c.reshape(4, 5), c) < 1e-12
+
+
 def test_linen_reverse_gradients_match_flax(nn):
     """Values and gradients of reverse=True (both orders) against nn.RNN(reverse=True), converted weights."""
     from jax_lstm.linen import LSTM, to_variables
