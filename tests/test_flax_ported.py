@@ -385,7 +385,7 @@ def test_nnx_cell_with_different_dtypes():
 
 
 def test_nnx_cell_with_custom_activations():
-    """Needs ``gate_fn`` / ``activation_fn`` in the core's ``lstm_stack``."""
+    """Flax's relu / elu cell: our step and sequence call with the same activations and weights."""
     ref = nnx.OptimizedLSTMCell(3, 4, gate_fn=jax.nn.relu, activation_fn=jax.nn.elu, rngs=nnx.Rngs(0))
     ref.dense_h.bias[...] = _normal(15, (16,))
     module = jn.LSTM.from_params(((from_flax(nnx.state(ref)),),), gate_fn=jax.nn.relu, activation_fn=jax.nn.elu)
@@ -603,23 +603,36 @@ def test_nnx_recurrent_dropout():
 
 
 def test_gate_fn_and_activation_fn_match_flax_linen():
-    """Needs ``gate_fn`` / ``activation_fn`` in the core's ``lstm_stack``."""
+    """Custom activations: values and gradients (hand-written backward) against Flax's cell with the same ones."""
     B, T, D, H = 2, 4, 3, 5
-    xs = _normal(30, (B, T, D))
+    xs = _normal(30, (B, T, D), jnp.float64)
+    lengths = jnp.array([4, 2])
+    valid = (jnp.arange(T)[None, :] < lengths[:, None])[..., None]
+    ct = _normal(31, (B, T, H), jnp.float64) * valid
     fns = dict(gate_fn=jax.nn.hard_sigmoid, activation_fn=jax.nn.soft_sign)
-    rnn, variables = _linen(H, xs, return_carry=True, **fns)
-    carry, ys = rnn.apply(variables, xs, seq_lengths=jnp.array([4, 2]))
-    ref = nn.RNN(nn.OptimizedLSTMCell(H, **fns), return_carry=True)
-    carry_r, ys_r = ref.apply(
-        {"params": {"cell": _cell_params(variables)["params"]}}, xs, seq_lengths=jnp.array([4, 2])
-    )
-    _close(ys[0], ys_r[0])
-    _close(ys[1, :2], ys_r[1, :2])
-    _close(carry, carry_r)
+    rnn, variables = _linen(H, xs, return_carry=True, param_dtype=jnp.float64, **fns)
+    ref = nn.RNN(nn.OptimizedLSTMCell(H, param_dtype=jnp.float64, **fns), return_carry=True)
+    ref_vars = {"params": {"cell": _cell_params(variables)["params"]}}
+
+    @jax.jit
+    def run(v, v_r, xs):
+        (carry, ys), pull = jax.vjp(lambda v, x: rnn.apply(v, x, seq_lengths=lengths), v, xs)
+        (carry_r, ys_r), pull_r = jax.vjp(lambda v, x: ref.apply(v, x, seq_lengths=lengths), v_r, xs)
+        zero = jax.tree.map(jnp.zeros_like, (carry, carry_r))
+        return carry, ys, carry_r, ys_r, pull((zero[0], ct)), pull_r((zero[1], ct))
+
+    carry, ys, carry_r, ys_r, (g_v, g_x), (g_vr, g_xr) = run(variables, ref_vars, xs)
+    _close(ys, ys_r * valid, rtol=1e-12, atol=1e-12)
+    _close(carry, carry_r, rtol=1e-12, atol=1e-12)
+    _close(g_x, g_xr, rtol=1e-10, atol=1e-12)
+    g_ours = jl.from_variables(g_v)[0][0]
+    g_theirs = from_flax(g_vr["params"]["cell"])
+    for a, b in zip(g_ours, g_theirs, strict=True):
+        _close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_reset_carry_and_zero_resets():
-    """Needs ``reset_states`` in the core's ``lstm_stack``: resets restore reset_carry, zeros by default."""
+    """Resets restore reset_carry, zeros by default: the same as two calls split at the reset."""
     B, T, D, H = 2, 6, 3, 4
     xs = _normal(31, (B, T, D))
     rnn, variables = _linen(H, xs, return_carry=True)

@@ -819,7 +819,7 @@ def test_eqx_plain_tuples_step_and_resets(eqx):
 
 
 def test_eqx_resets_to_reset_state_per_example(eqx):
-    """Needs ``reset_states`` in the core's ``lstm_stack``: each example resets to its own reset_state."""
+    """Each example resets to its own reset_state (zeros by default), as two calls split at its reset."""
     from jax_lstm.eqx import LSTM
 
     model = LSTM(D, 5, key=jax.random.PRNGKey(0))
