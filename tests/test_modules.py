@@ -819,24 +819,30 @@ def test_eqx_plain_tuples_step_and_resets(eqx):
 
 
 def test_eqx_resets_to_reset_state_per_example(eqx):
-    """Each example resets to its own reset_state (zeros by default), as two calls split at its reset."""
+    """Each example resets to its own reset_state (zeros by default), against the NumPy oracle."""
+    from numpy_oracle import lstm_np
+
     from jax_lstm.eqx import LSTM
 
     model = LSTM(D, 5, key=jax.random.PRNGKey(0))
-    xs = _arr(0, B, T, D)
-    init = LSTMState(_arr(1, B, 5), _arr(2, B, 5))
+    xs, lengths = _arr(0, B, T, D), jnp.asarray(LENGTHS)
+    init = (_arr(1, B, 5), _arr(2, B, 5))  # Equinox's (h, c)
     reset = LSTMState(_arr(3, B, 5), _arr(4, B, 5))
-    at = np.array([2, 4, 1])  # one reset per example
-    resets = jnp.asarray(np.arange(T)[None, :] == at[:, None])
-    ys, final = jax.vmap(lambda x, s, r, rs: model(x, s, resets=r, reset_state=rs))(xs, init, resets, reset)
-    ys_z, _ = jax.vmap(lambda x, s, r: model(x, s, resets=r))(xs, init, resets)
-    for b, t in enumerate(at):
-        x_b = xs[b]
-        head, _ = model(x_b[:t], LSTMState(init.h[b], init.c[b]))
-        tail, fin = model(x_b[t:], LSTMState(reset.h[b], reset.c[b]))
-        assert rel_err(ys[b], jnp.concatenate([head, tail])) < 1e-12
-        assert rel_err(LSTMState(final.h[b], final.c[b]), fin) < 1e-12
-        assert rel_err(ys_z[b, t:], model(x_b[t:])[0]) < 1e-12  # zeros by default
+    resets = jnp.asarray(np.random.default_rng(5).random((B, T)) < 0.3)
+
+    @jax.jit
+    def run(xs, init, resets, reset):
+        with_state = jax.vmap(lambda x, n, s, r, rs: model(x, s, seq_length=n, resets=r, reset_state=rs))
+        zeros = jax.vmap(lambda x, n, s, r: model(x, s, seq_length=n, resets=r))
+        return with_state(xs, lengths, init, resets, reset), zeros(xs, lengths, init, resets)
+
+    (ys, final), (ys_z, final_z) = run(xs, init, resets, reset)
+    p = model.to_params()[0][0]
+    kw = dict(seq_lengths=LENGTHS, resets=np.asarray(resets), time_major=False)
+    hs, h, c = lstm_np(*p, xs, *init, hr=reset.h, cr=reset.c, **kw)
+    assert rel_err(ys, hs) < 1e-12 and rel_err(final, LSTMState(h, c)) < 1e-12
+    hs, h, c = lstm_np(*p, xs, *init, **kw)
+    assert rel_err(ys_z, hs) < 1e-12 and rel_err(final_z, LSTMState(h, c)) < 1e-12
 
 
 # --------------------------------------------------------------------------- optional dependencies
