@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_lstm import _inputs
-from jax_lstm.cell import LSTMParams, LSTMState
+from jax_lstm.cell import LSTMParams, LSTMState, check_size
 from jax_lstm.layers import init_stack, lstm_stack, stack_sizes
 
 __all__ = [
@@ -71,8 +71,7 @@ def hidden_sizes(hidden, num_layers, name: str = "hidden_features") -> tuple[int
 
     With a sequence, ``num_layers`` must be its length or left at its default of 1.
     """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    check_size("num_layers", num_layers)
     if isinstance(hidden, (int, np.integer)) and not isinstance(hidden, bool):
         sizes = (int(hidden),) * int(num_layers)
     elif isinstance(hidden, Sequence) and not isinstance(hidden, str):
@@ -86,10 +85,7 @@ def hidden_sizes(hidden, num_layers, name: str = "hidden_features") -> tuple[int
             )
     else:
         raise TypeError(f"{name} must be an int or a sequence of ints (one per layer), got {hidden!r}")
-    for l, h in enumerate(sizes):
-        if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1:
-            raise ValueError(f"{name}[{l}] must be a positive int, got {h!r}")
-    return tuple(int(h) for h in sizes)
+    return tuple(check_size(f"{name}[{l}]", h) for l, h in enumerate(sizes))
 
 
 def check_rate(value, name: str) -> float:

@@ -37,6 +37,7 @@ from jax_lstm._modules import (
     run_stack,
     write_carry,
 )
+from jax_lstm.cell import check_size
 
 __all__ = ["LSTM", "LSTMCarry"]
 
@@ -159,7 +160,7 @@ class LSTM(nnx.Module):
         rngs: nnx.Rngs,
     ):
         sizes = hidden_sizes(hidden_features, num_layers)
-        self.in_features = int(in_features)
+        self.in_features = check_size("in_features", in_features)
         self.hidden_features = sizes
         self.num_layers = len(sizes)
         self.bidirectional = bool(bidirectional)
