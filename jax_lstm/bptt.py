@@ -1,55 +1,43 @@
 """``lstm``: the LSTM layer whose gradient is hand-written backpropagation through time.
 
 Same contract and values as ``lstm_ref``; the gradient comes from ``_backward``,
-registered with ``jax.custom_vjp``. It is organised the way fused RNN libraries
-do it, and shaped by what is fast on XLA:CPU, where a step of a loop costs
-far more than the same work done for all steps at once:
+registered with ``jax.custom_vjp``. Read top to bottom: ``lstm``, the
+custom_vjp (``_lstm_core`` with ``_lstm_fwd`` and ``_lstm_bwd``), the forward
+kernel ``_forward`` and the backward ``_backward`` with its helpers.
 
-* forward: the input projection ``xs @ U`` for all steps is one matmul
-  outside the loop; inside, one matmul ``h @ W`` for all four gates, the bias
-  add fused with the gate math, and ``cell.cell_update`` for c_t and h_t. While
-  the step has every operand at hand it also computes the local derivatives the
-  backward needs (five (B, H) blocks and f), and writes the four gate
-  coefficients over the row of ``xs @ U`` it has just consumed, so the
-  residuals need no buffer of their own;
+* forward: ``xs @ U`` for all steps is one matmul outside the loop; inside, one
+  matmul ``h @ W`` for all four gates, the gate math and the cell update.
+  While the step has every operand at hand it also computes the local
+  derivatives the backward needs, and writes them over the row of ``xs @ U``
+  it has just consumed;
 * backward: a loop whose body is one element-wise pass (the gate deltas
-  ``dz_t`` from the carried dh, dc and the stored coefficients), one matmul
-  ``dh_{t-1} = dz_t @ W^T`` with ``W^T`` transposed once, and the write of
-  ``dz_t`` over the coefficients it was made from; ``dW``, ``dU``, ``db`` and
-  ``dxs`` are then single matmuls/reductions over all steps at once.
+  ``dz_t``), one matmul ``dh_{t-1} = dz_t @ W^T`` and the write of ``dz_t``
+  over the coefficients it was made from; ``dW``, ``dU``, ``db`` and ``dxs``
+  are then single matmuls over all steps at once.
 
-What no fused LSTM offers costs one ``where`` or one multiply per step here:
-a step ``mask`` (any pattern of skipped steps), ``resets`` of the state to
-``state0``, and variational recurrent dropout on h_{t-1}. Their terms are
-named where they enter the backward.
+A step ``mask``, ``resets`` of the state and variational recurrent dropout on
+h_{t-1} cost one ``where`` or one multiply per step; their terms are named
+where they enter the backward. The comments name the rule of the seed document
+(``shared/seed/lstm_units.md``, δ1…δ26) each line implements, and where the
+seed's rule is wrong.
 
-Under ``jax.vmap`` over examples the mapped axis is folded into the batch rows
-(``_vmapped_core`` before the custom_vjp, ``_folded`` inside it when autodiff
-runs within the vmap), so the same loops run once over all examples with the
-matmuls ``N * B`` rows tall, instead of over an (N, ...) stack of small problems.
-
-The comments name the rule of the seed document (``shared/seed/lstm_units.md``,
-δ1…δ26) each line implements, and where the seed's rule is wrong.
+Under ``jax.vmap`` the mapped axis is folded into the batch rows
+(``jax_lstm._vmap_fold``); the kernels below are plain functions of arrays
+that know nothing of it.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jax_lstm.cell import (
-    LSTMState,
-    cell_update,
-    gate_activations,
-    make_varying,
-    on_explicit_mesh,
-    split_gates,
-    varying_axes,
-)
-from jax_lstm.reference import prepare
+from jax_lstm import _vmap_fold as fold
+from jax_lstm._inputs import prepare
+from jax_lstm._sharding import make_varying, on_explicit_mesh, sum_over_extra_axes, varying_axes, weight_sharding
+from jax_lstm.cell import LSTMState, cell_update, gate_activations, split_gates
 
 __all__ = ["lstm"]
 
@@ -114,15 +102,8 @@ def lstm(
     the carried h stay float32, and the outputs are cast back to the input
     dtype; gradients are returned in each argument's own dtype.
 
-    Memory: the forward keeps, per time step, six (B, H) blocks in the
-    accumulation dtype: the four gate coefficients (the derivative of each gate
-    with respect to its pre-activation, times the factor that multiplies it in
-    c_t or h_t), dc_t/dh_t = o (1 - tanh(c_t)^2) and f_t, plus hs, which is the
-    output itself. The coefficients overwrite ``xs @ U``'s buffer row by row,
-    and the backward overwrites them with the gate deltas, so forward and
-    backward together hold 4 + 2 + 1 (T, B, H) arrays, plus h_{t-1} for
-    ``dW``: 32*T*B*H bytes in float32, about 0.5x of what autodiff of
-    ``lstm_ref`` compiles to. ``xs``, ``W`` and ``U`` are referenced, not copied.
+    Memory: the residuals are six (T, B, H) blocks (see ``_forward``) beside
+    ``hs``; the README's Performance section has the measured figures.
 
     Raises:
       ValueError, TypeError: at trace time, naming the bad argument and the
@@ -146,81 +127,31 @@ def lstm(
         h, c = state0
     else:
         args = (*a.params, a.xs, state0.h, state0.c, a.mask, a.resets, a.keep)
-        hs, h, c = _run_core(args, bool(reverse), int(unroll))
+        hs, h, c = _folded_core(bool(reverse), int(unroll))(*args)
     hs = hs.astype(dtype)
     return (hs if time_major else jnp.swapaxes(hs, 0, 1)), LSTMState(h.astype(dtype), c.astype(dtype))
 
 
 # --------------------------------------------------------------------------------------------------
-# Under jax.vmap over examples (the innermost transformation) the mapped axis is folded into the
-# batch rows before the custom_vjp sees it: the rows of every matmul, the weight gradients included,
-# then cover all examples at once, and dW, dU, db come out summed over examples by the matmuls
-# themselves. (A custom_vjp that is vmapped instead forms one weight gradient per example and sums
-# them afterwards: N times the memory and a batched matmul per weight.)
+# The custom_vjp. Arguments: W, U, b, xs, h0, c0, mask, resets, keep (the last three may be None).
 
-# How each argument and output meets the batch rows: a weight (never folded) or a row array with its
-# batch axis (xs: 1, h0: 0, ...).
-_W, _R = "weight", "rows"
-_CORE_ARGS = (_W, _W, _W, (_R, 1), (_R, 0), (_R, 0), (_R, 1), (_R, 1), (_R, 0))  # W, U, b, xs, h0, c0, mask, ...
-_CORE_OUTS = ((_R, 1), (_R, 0), (_R, 0))  # hs, h_T, c_T
-
-
-def _run_core(args, reverse, unroll):
-    if _mapped_by_innermost_vmap(args):
-        return _vmapped_core(reverse, unroll)(*args)
-    return _lstm_core(*args, reverse, unroll)
-
-
-def _mapped_by_innermost_vmap(args) -> bool:
-    """Whether the innermost transformation tracing this call is a vmap that maps one of ``args``.
-
-    Only then is a ``custom_vmap`` rule reached before any autodiff sees the
-    call (grad of vmap, vmap alone); with autodiff innermost (vmap of grad)
-    the custom_vjp's own batching applies.
-    """
-    try:
-        from jax._src import core as jax_core
-        from jax._src.interpreters import batching
-
-        trace = jax_core.trace_ctx.trace
-        if not isinstance(trace, batching.BatchTrace):
-            return False
-        return any(
-            isinstance(a, batching.BatchTracer) and a._trace is trace and a.batch_dim is not None
-            for a in jax.tree.leaves(args)
-        )
-    except (ImportError, AttributeError):  # pragma: no cover - other JAX internals: the custom_vjp path is always right
-        return False
+_W, _R0, _R1 = fold.WEIGHT, fold.rows(0), fold.rows(1)  # a weight; a row array with its batch axis at 0 or 1
+_CORE_IN = (_W, _W, _W, _R1, _R0, _R0, _R1, _R1, _R0)  # W, U, b, xs, h0, c0, mask, resets, keep
+_CORE_OUT = (_R1, _R0, _R0)  # hs, h_T, c_T
 
 
 @functools.cache
-def _vmapped_core(reverse, unroll):
-    core = jax.custom_batching.custom_vmap(lambda *args: _lstm_core(*args, reverse, unroll))
-
-    @core.def_vmap
-    def rule(n, in_batched, *args):
-        weights_mapped = any(in_batched[:3])
-        if n == 0 or weights_mapped or any(on_explicit_mesh(a) for a in args if a is not None):
-            axes = [0 if b else None for b in in_batched]
-            return jax.vmap(lambda *a: _lstm_core(*a, reverse, unroll), in_axes=axes)(*args), (True, True, True)
-        folded = [_fold(a, k, b, n) for a, k, b in zip(args, _CORE_ARGS, in_batched, strict=True)]
-        out = _run_core(tuple(folded), reverse, unroll)
-        return tuple(_unfold(a, k, n, 1) for a, k in zip(out, _CORE_OUTS, strict=True)), (True, True, True)
-
-    return core
-
-
-# --------------------------------------------------------------------------------------------------
-# The custom_vjp. Arguments: W, U, b, xs, h0, c0, mask, resets, keep (the last three may be None).
+def _folded_core(reverse, unroll):
+    return fold.fold_before(lambda *args: _lstm_core(*args, reverse, unroll), _CORE_IN, _CORE_OUT)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
 def _lstm_core(W, U, b, xs, h0, c0, mask, resets, keep, reverse, unroll):
-    return _kernel("forward", reverse, unroll)(W, U, b, xs, h0, c0, mask, resets, keep)
+    return _kernels(reverse, unroll).forward(W, U, b, xs, h0, c0, mask, resets, keep)
 
 
 def _lstm_fwd(W, U, b, xs, h0, c0, mask, resets, keep, reverse, unroll):
-    (hs, h, c), (coef, dcdh_f) = _kernel("forward_saving", reverse, unroll)(W, U, b, xs, h0, c0, mask, resets, keep)
+    (hs, h, c), (coef, dcdh_f) = _kernels(reverse, unroll).forward_saving(W, U, b, xs, h0, c0, mask, resets, keep)
     return (hs, h, c), (W, U, b, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f)
 
 
@@ -229,24 +160,44 @@ def _lstm_bwd(reverse, unroll, res, cts):
     W, U, b, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f = res
     del res
     dhs, dh_T, dc_T = cts
-    backward = _kernel("backward", reverse, unroll)
-    grads = backward(W, U, b, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T)
-    # Inside shard_map: the gradient of an input that is the same on every shard (a replicated W)
-    # is the sum over shards of the per-shard gradients (the transpose of broadcasting it).
+    dW, dU, db, dxs, dh0, dc0 = _kernels(reverse, unroll).backward(
+        W, U, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T
+    )
+    # inside shard_map a weight that is the same on every shard gets the sum of the shards' gradients
+    grads = (dW, dU, db, dxs, dh0, dc0)
     primals = (W, U, b, xs, h0, c0)
-    return (*(_sum_over_extra_axes(g, p) for g, p in zip(grads, primals, strict=True)), None, None, None)
+    return (*(sum_over_extra_axes(g, p) for g, p in zip(grads, primals, strict=True)), None, None, None)
 
 
 _lstm_core.defvjp(_lstm_fwd, _lstm_bwd)
 
 
-def _sum_over_extra_axes(grad, primal):
-    extra = tuple(sorted(varying_axes(grad) - varying_axes(primal), key=str))
-    return jax.lax.psum(grad, extra) if extra else grad
+class _Kernels(NamedTuple):
+    forward: fold.Foldable  # -> hs, h_T, c_T
+    forward_saving: fold.Foldable  # -> (hs, h_T, c_T), (coef, dcdh_f)
+    backward: fold.Foldable  # -> dW, dU, db, dxs, dh0, dc0
+
+
+@functools.cache
+def _kernels(reverse: bool, unroll: int) -> _Kernels:
+    """The three kernels for one direction and unroll, each folding ``jax.vmap`` into its rows."""
+    fwd = functools.partial(_forward, reverse=reverse, unroll=unroll)
+    bwd_in = (_W, _W, _R1, _R0, _R0, _R1, _R1, _R0, _R1, _R1, _R1, _R1, _R0, _R0)  # ..., hs, coef, dcdh_f, cts
+
+    def backward(groups):
+        if groups is None:
+            return functools.partial(_backward, reverse=reverse, unroll=unroll)
+        return functools.partial(_backward_per_group, groups=groups, reverse=reverse, unroll=unroll)
+
+    return _Kernels(
+        forward=fold.Foldable(lambda g: functools.partial(fwd, save=False), _CORE_IN, _CORE_OUT),
+        forward_saving=fold.Foldable(lambda g: functools.partial(fwd, save=True), _CORE_IN, (_CORE_OUT, (_R1, _R1))),
+        backward=fold.Foldable(backward, bwd_in, (_W, _W, _W, _R1, _R0, _R0)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
-# The kernels: plain functions of arrays, each wrapped by ``_folded`` for vmap.
+# The forward kernel.
 
 
 def _forward(W, U, b, xs, h0, c0, mask, resets, keep, *, reverse, unroll, save):
@@ -338,59 +289,43 @@ def _forward(W, U, b, xs, h0, c0, mask, resets, keep, *, reverse, unroll, save):
     return (hs, h, c), (coef, dcdh_f)
 
 
-def _shift(a, first, reverse):
-    """The value of ``a`` one step earlier in the direction of the run, ``first`` at the start."""
-    if reverse:
-        return jnp.concatenate([a[1:], first[None]], axis=0)
-    return jnp.concatenate([first[None], a[:-1]], axis=0)
+# --------------------------------------------------------------------------------------------------
+# The backward kernel.
 
 
-def _entering_h(hs, h0, mask, resets, reverse):
-    """h_{t-1} as step t saw it: (T, B, H), after any reset, before recurrent dropout.
-
-    Without a mask it is the previous output (or ``h0`` at the start and at a
-    reset). With one, the previous output may be a skipped step's zero: the
-    state entering step t is the output of the last step that ran before it,
-    unless a reset came later (then ``h0``). Found for all t at once: a running
-    maximum over the run order of an event code, 2k+1 for a step that ran at
-    run position k and 2k for a reset at a skipped step, decodes to the step
-    whose output is the carried state.
-    """
-    if mask is None:
-        h_prev = _shift(hs, h0, reverse)
-        return h_prev if resets is None else jnp.where(resets[..., None], h0[None], h_prev)
-    T = hs.shape[0]
-    k = jnp.arange(T, dtype=jnp.int32)[:, None]
-    pos = T - 1 - k if reverse else k  # run position of step t
-    event = jnp.where(mask, 2 * pos + 1, -1)
-    if resets is not None:
-        event = jnp.where(~mask & resets, 2 * pos, event)
-    last = jax.lax.cummax(event, axis=0, reverse=reverse)  # the latest event at or before t in run order
-    # the run position of the step whose output is carried
-    src_pos = jnp.where((last >= 0) & (last % 2 == 1), last // 2, -1)
-    src_after = jnp.where(src_pos >= 0, T - 1 - src_pos if reverse else src_pos, -1)  # its time index
-    src_in = _shift(src_after, jnp.full_like(src_after[0], -1), reverse)  # entering t: carried after t-1
-    if resets is not None:
-        src_in = jnp.where(resets, -1, src_in)
-    gathered = jnp.take_along_axis(hs, jnp.maximum(src_in, 0)[..., None], axis=0)
-    return jnp.where((src_in >= 0)[..., None], gathered, h0[None])
-
-
-def _backward(
-    W, U, b, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T, *, reverse, unroll, groups=None
-):
-    """The hand-written BPTT. Returns (dW, dU, db, dxs, dh0, dc0).
-
-    With ``groups`` (an int) the batch rows are ``groups`` independent problems
-    stacked (examples under ``jax.vmap``), and dW, dU, db are returned per
-    group: (groups, H, 4H), (groups, D, 4H), (groups, 4H).
-    """
-    del b  # only its batching decides how the kernel is folded under vmap
+def _backward(W, U, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T, *, reverse, unroll):
+    """The hand-written BPTT. Returns (dW, dU, db, dxs, dh0, dc0)."""
     acc = h0.dtype
-    T, B, D = xs.shape
-    G = W.shape[1]
-    H = G // 4
-    axes = varying_axes(W, U, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T)
+    dz, dxs, dh0, dc0 = _deltas(W, U, xs, h0, c0, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T, reverse, unroll)
+    h_in, x_in = _step_inputs(hs, xs, h0, mask, resets, keep, reverse)
+    # seed: δW = Σ_t h_{t-1}^T * δ13..16 and δU = Σ_t x_t^T * δ13..16; the seed has no bias, its
+    # gradient is Σ_t dz_t
+    dW = _contract(h_in.astype(W.dtype), dz.astype(W.dtype), W, acc)
+    dU = _contract(x_in.astype(U.dtype), dz.astype(U.dtype), U, acc)
+    db = dz.sum(axis=(0, 1))
+    return dW.astype(W.dtype), dU.astype(U.dtype), db.astype(W.dtype), dxs, dh0, dc0
+
+
+def _backward_per_group(W, U, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T, *, groups, **kw):
+    """``_backward`` for batch rows that are ``groups`` problems stacked (examples under ``jax.vmap``):
+    dW, dU, db per group, (groups, H, 4H), (groups, D, 4H), (groups, 4H)."""
+    acc = h0.dtype
+    dz, dxs, dh0, dc0 = _deltas(W, U, xs, h0, c0, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T, **kw)
+    h_in, x_in = _step_inputs(hs, xs, h0, mask, resets, keep, kw["reverse"])
+    T, B = xs.shape[:2]
+    split = lambda a, dtype: a.reshape(T, groups, B // groups, a.shape[-1]).astype(dtype)  # noqa: E731
+    dW = jnp.einsum("tnbh,tnbg->nhg", split(h_in, W.dtype), split(dz, W.dtype), preferred_element_type=acc)
+    dU = jnp.einsum("tnbd,tnbg->ndg", split(x_in, U.dtype), split(dz, U.dtype), preferred_element_type=acc)
+    db = split(dz, acc).sum(axis=(0, 2))
+    return dW.astype(W.dtype), dU.astype(U.dtype), db.astype(W.dtype), dxs, dh0, dc0
+
+
+def _deltas(W, U, xs, h0, c0, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T, reverse, unroll):
+    """The backward loop: every step's gate deltas dz (T, B, 4H), then dxs and the state's gradients."""
+    acc = h0.dtype
+    T = xs.shape[0]
+    H = W.shape[0]
+    axes = varying_axes(W, U, xs, h0, c0, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T)
     dhs = dhs.astype(acc)
     W_T = W.T  # (4H, H), transposed once: a plain matmul in the loop is faster than a transposed one
 
@@ -428,31 +363,71 @@ def _backward(
     dh_first, dc_first, dh0_resets, dc0_resets, dz = jax.lax.fori_loop(0, T, body, carry0, unroll=unroll)
     dh0 = dh_first + dh0_resets  # state0's gradient: from the start and from every reset
     dc0 = dc_first + dc0_resets
-
-    h_in = _entering_h(hs, h0, mask, resets, reverse)  # the h_{t-1} each step multiplied by W
-    if keep is not None:
-        h_in = h_in * keep[None]
-    # seed: δW = Σ_t h_{t-1}^T * δ13..16 and δU = Σ_t x_t^T * δ13..16; the seed has no bias, its
-    # gradient is Σ_t dz_t. Per group when the rows are several problems stacked.
-    if groups is None:
-        dW = _contract(h_in.astype(W.dtype), dz.astype(W.dtype), W, acc)
-        dU = _contract(xs.astype(U.dtype), dz.astype(U.dtype), U, acc)
-        db = dz.sum(axis=(0, 1))
-    else:
-        split = lambda a, dtype: a.reshape(T, groups, B // groups, a.shape[-1]).astype(dtype)  # noqa: E731
-        dW = jnp.einsum("tnbh,tnbg->nhg", split(h_in, W.dtype), split(dz, W.dtype), preferred_element_type=acc)
-        dU = jnp.einsum("tnbd,tnbg->ndg", split(xs, U.dtype), split(dz, U.dtype), preferred_element_type=acc)
-        db = split(dz, acc).sum(axis=(0, 2))
     # seed δ26 = δ17 + δ19 + δ21 + δ23 = dz @ U^T (the seed's δ23 uses W_f^T where U_f^T belongs)
     dxs = jnp.einsum("tbg,dg->tbd", dz.astype(U.dtype), U, preferred_element_type=acc)
-    return (
-        dW.astype(W.dtype),
-        dU.astype(U.dtype),
-        db.astype(W.dtype),
-        dxs.astype(xs.dtype),
-        dh0.astype(h0.dtype),
-        dc0.astype(c0.dtype),
-    )
+    return dz, dxs.astype(xs.dtype), dh0.astype(h0.dtype), dc0.astype(c0.dtype)
+
+
+def _step_inputs(hs, xs, h0, mask, resets, keep, reverse):
+    """What each step multiplied by W and by U: h_{t-1} (after any reset and recurrent dropout) and x_t.
+
+    At a skipped step dz is zero; its x_t is replaced by zero as well, so that
+    a NaN or Inf stored there (a missing value, masked out) cannot turn
+    ``x_t^T dz_t = NaN * 0`` into a NaN weight gradient.
+    """
+    h_in = _entering_h(hs, h0, mask, resets, reverse)
+    if keep is not None:
+        h_in = h_in * keep[None]
+    x_in = xs if mask is None else jnp.where(mask[..., None], xs, jnp.zeros_like(xs))
+    return h_in, x_in
+
+
+def _shift(a, first, reverse):
+    """The value of ``a`` one step earlier in the direction of the run, ``first`` at the start."""
+    if reverse:
+        return jnp.concatenate([a[1:], first[None]], axis=0)
+    return jnp.concatenate([first[None], a[:-1]], axis=0)
+
+
+def _entering_h(hs, h0, mask, resets, reverse):
+    """h_{t-1} as step t saw it: (T, B, H), after any reset, before recurrent dropout.
+
+    Without a mask it is the previous output (or ``h0`` at the start and at a
+    reset). With one, the previous output may be a skipped step's zero: the
+    state entering step t is the output of the last step that ran before it,
+    or ``h0`` if a reset (or the start) came after that step. For all t at
+    once, each step gets an event code in run order k (k = t forward,
+    T - 1 - t reversed): 2k + 1 where the step ran, 2k where it was skipped
+    but reset, -1 otherwise. A running maximum of the codes gives, at every
+    t, the latest event; an odd one names the step whose output is carried.
+    For one row, forward, with steps 1 and 3 skipped and a reset at 3::
+
+        t           0    1    2    3    4
+        ran         y    n    y    n    y
+        reset       n    n    n    y    n
+        event       1   -1    5    6    9
+        cummax      1    1    5    6    9
+        carried     0    0    2    -    4     (odd code 2k + 1 -> step k; even: a reset, h0)
+        entering   h0  hs0  hs0  h0  h0       (the carried value after step t - 1; a reset at t: h0)
+    """
+    if mask is None:
+        h_prev = _shift(hs, h0, reverse)
+        return h_prev if resets is None else jnp.where(resets[..., None], h0[None], h_prev)
+    T = hs.shape[0]
+    k = jnp.arange(T, dtype=jnp.int32)[:, None]
+    pos = T - 1 - k if reverse else k  # run position of step t
+    event = jnp.where(mask, 2 * pos + 1, -1)
+    if resets is not None:
+        event = jnp.where(~mask & resets, 2 * pos, event)
+    last = jax.lax.cummax(event, axis=0, reverse=reverse)  # the latest event at or before t in run order
+    # the run position of the step whose output is carried
+    src_pos = jnp.where((last >= 0) & (last % 2 == 1), last // 2, -1)
+    src_after = jnp.where(src_pos >= 0, T - 1 - src_pos if reverse else src_pos, -1)  # its time index
+    src_in = _shift(src_after, jnp.full_like(src_after[0], -1), reverse)  # entering t: carried after t-1
+    if resets is not None:
+        src_in = jnp.where(resets, -1, src_in)
+    gathered = jnp.take_along_axis(hs, jnp.maximum(src_in, 0)[..., None], axis=0)
+    return jnp.where((src_in >= 0)[..., None], gathered, h0[None])
 
 
 def _contract(a, b_, like, acc):
@@ -461,99 +436,10 @@ def _contract(a, b_, like, acc):
     The rows are flattened first so that XLA contracts one leading axis of
     both operands in place (a two-axis contraction makes it copy one of them
     transposed). On a mesh with Explicit axes, where the batch axis is sharded
-    and cannot be flattened, the result is placed as the weight is (replicated
-    when the weight is on no mesh), which is what a data-parallel step sums into.
+    and cannot be flattened, the result is placed as the weight is.
     """
     if not on_explicit_mesh(a):
         T, B = a.shape[:2]
         rows = lambda x: x.reshape(T * B, x.shape[-1])  # noqa: E731
         return jax.lax.dot_general(rows(a), rows(b_), (((0,), (0,)), ((), ())), preferred_element_type=acc)
-    mine = jax.typeof(like).sharding
-    out_sharding = mine if not mine.mesh.empty else NamedSharding(jax.typeof(a).sharding.mesh, PartitionSpec())
-    return jnp.einsum("tbm,tbn->mn", a, b_, preferred_element_type=acc, out_sharding=out_sharding)
-
-
-# --------------------------------------------------------------------------------------------------
-# Folding a vmapped axis into the batch rows.
-#
-# These kernels are reached under vmap when autodiff runs inside it (``jax.vmap(jax.grad(f))``, per-example
-# gradients) or when a function jitted inside the vmap was traced before it. Each argument and output is
-# a weight (never folded) or a row array with its batch axis (xs: 1, h0: 0, ...). With the weights not
-# mapped, the N examples become N * B rows of one problem: row arrays are moved into place and back (a
-# transpose each; residuals too, so that differentiating the kernels again under vmap sees real arrays),
-# and the weight gradients come out per example. With a weight mapped (an ensemble), an empty mapped
-# axis or an Explicit-axis mesh, the kernel is vmapped as it is: correct, and as fast as XLA's batched
-# loops.
-
-_ARGS = {
-    "forward": (_CORE_ARGS, _CORE_OUTS),
-    "forward_saving": (_CORE_ARGS, (_CORE_OUTS, ((_R, 1), (_R, 1)))),  # + residuals coef, dcdh_f
-    "backward": (  # + hs, coef, dcdh_f, dhs, dh_T, dc_T -> dW, dU, db, dxs, dh0, dc0
-        _CORE_ARGS + ((_R, 1), (_R, 1), (_R, 1), (_R, 1), (_R, 0), (_R, 0)),
-        (_W, _W, _W, (_R, 1), (_R, 0), (_R, 0)),
-    ),
-}
-
-
-@functools.cache
-def _kernel(kind, reverse, unroll, groups=None):
-    """``kind`` of kernel as a function of arrays that folds ``jax.vmap`` into its rows."""
-    if kind == "backward":
-        raw = functools.partial(_backward, reverse=reverse, unroll=unroll, groups=groups)
-    else:
-        raw = functools.partial(_forward, reverse=reverse, unroll=unroll, save=kind == "forward_saving")
-    in_kinds, out_kinds = _ARGS[kind]
-    return _folded(raw, in_kinds, out_kinds, lambda n: _kernel(kind, reverse, unroll, (groups or 1) * n), groups)
-
-
-def _folded(raw, in_kinds, out_kinds, with_groups, groups):
-    fast = jax.custom_batching.custom_vmap(raw)
-
-    @fast.def_vmap
-    def rule(n, in_batched, *args):
-        weights_mapped = any(b for b, k in zip(in_batched, in_kinds, strict=True) if k == _W)
-        if n == 0 or weights_mapped or any(on_explicit_mesh(a) for a in args if a is not None):
-            axes = [0 if b else None for b in in_batched]
-            out = jax.vmap(raw, in_axes=axes)(*args)
-            return out, jax.tree.map(lambda _: True, out)
-        folded = [_fold(a, k, b, n) for a, k, b in zip(args, in_kinds, in_batched, strict=True)]
-        out = with_groups(n)(*folded)
-        flat, tree = jax.tree.flatten(out)
-        kinds = jax.tree.leaves(out_kinds, is_leaf=lambda k: k == _W or isinstance(k, tuple) and k[0] == _R)
-        flat = [_unfold(a, k, n, groups) for a, k in zip(flat, kinds, strict=True)]
-        return jax.tree.unflatten(tree, flat), jax.tree.unflatten(tree, [True] * len(flat))
-
-    # Differentiating a kernel (only grad of grad does) goes through plain autodiff of ``raw``.
-    @jax.custom_vjp
-    def kernel(*args):
-        return fast(*args)
-
-    def kernel_fwd(*args):
-        return fast(*args), args
-
-    def kernel_bwd(args, ct):
-        _, vjp = jax.vjp(raw, *args)
-        return vjp(ct)
-
-    kernel.defvjp(kernel_fwd, kernel_bwd)
-    return kernel
-
-
-def _fold(a, kind, batched, n):
-    """One argument of an (N-mapped) kernel call, as an argument of the N * B-row call."""
-    if a is None or kind == _W:
-        return a
-    _, axis = kind
-    if not batched:
-        a = jnp.broadcast_to(a[None], (n, *a.shape))
-    a = jnp.moveaxis(a, 0, axis)  # (..., N, B, ...)
-    return a.reshape(*a.shape[:axis], n * a.shape[axis + 1], *a.shape[axis + 2 :])
-
-
-def _unfold(a, kind, n, groups):
-    """One output of the N * B-row call, as the output of the N-mapped kernel (batched at axis 0)."""
-    if kind == _W:  # per-group weight gradients (n * groups, ...) -> (n, [groups,] ...)
-        return a.reshape(n, *(() if groups is None else (groups,)), *a.shape[1:])
-    _, axis = kind
-    split = (*a.shape[:axis], n, a.shape[axis] // n, *a.shape[axis + 1 :])
-    return jnp.moveaxis(a.reshape(split), axis, 0)
+    return jnp.einsum("tbm,tbn->mn", a, b_, preferred_element_type=acc, out_sharding=weight_sharding(like, a))

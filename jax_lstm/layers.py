@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_lstm._inputs import check_lengths, check_rate, check_size, check_state, check_step_flags, shape_error
 from jax_lstm.bptt import lstm
-from jax_lstm.cell import LSTMParams, LSTMState, check_recurrent_dropout, check_step_flags, init_params
+from jax_lstm.cell import LSTMParams, LSTMState, init_params
 from jax_lstm.reference import LSTMTrace, lstm_ref, lstm_trace
 
 __all__ = [
@@ -87,11 +88,8 @@ def init_stack(
         raise TypeError(f"hidden_sizes must be a sequence of ints, one per layer, got {hidden_sizes!r}")
     if len(hidden_sizes) == 0:
         raise ValueError("hidden_sizes must name at least one layer, got an empty sequence")
-    for l, h in enumerate(hidden_sizes):
-        if not isinstance(h, (int, np.integer)) or isinstance(h, bool) or h < 1:
-            raise ValueError(f"hidden_sizes[{l}] must be a positive int, got {h!r}")
-    if not isinstance(input_size, (int, np.integer)) or isinstance(input_size, bool) or input_size < 1:
-        raise ValueError(f"input_size must be a positive int, got {input_size!r}")
+    hidden_sizes = [check_size(f"hidden_sizes[{l}]", h) for l, h in enumerate(hidden_sizes)]
+    input_size = check_size("input_size", input_size)
     n_dir = 2 if bidirectional else 1
     keys = jax.random.split(key, len(hidden_sizes) * n_dir)  # raw uint32 keys or typed keys (nnx.Rngs) alike
     keys = keys.reshape(len(hidden_sizes), n_dir, *keys.shape[1:])
@@ -175,17 +173,7 @@ def _check_states0(states0, sizes, B) -> None:
                 f"got {type(layer_state).__name__}"
             )
         for k, s in enumerate(layer_state):
-            if s is None:
-                continue
-            if not (isinstance(s, tuple) and len(s) == 2):
-                raise TypeError(f"states0[{l}][{k}] must be LSTMState(h, c) or None, got {type(s).__name__}")
-            for field, a in zip("hc", s, strict=True):
-                shape = getattr(a, "shape", None)
-                if shape is None or tuple(shape) != (B, H):
-                    raise ValueError(
-                        f"states0[{l}][{k}].{field} has shape {None if shape is None else tuple(shape)}, "
-                        f"expected (B, H_{l}) = ({B}, {H}) from xs and params[{l}][{k}].W"
-                    )
+            check_state(f"states0[{l}][{k}]", s, B, H, f"from xs and params[{l}][{k}].W", dims=f"(B, H_{l})")
 
 
 def _check_xs(xs, D0, seq_lengths, mask=None, resets=None, time_major=True):
@@ -194,20 +182,11 @@ def _check_xs(xs, D0, seq_lengths, mask=None, resets=None, time_major=True):
         raise TypeError(f"xs must be an array of shape {layout}, got {type(xs).__name__}")
     if xs.ndim != 3 or xs.shape[2] != D0:
         want, major = (f"(T, B, {D0})", "time-major") if time_major else (f"(B, T, {D0})", "batch-major")
-        raise ValueError(f"xs has shape {tuple(xs.shape)}, expected {want}: {major}, last axis matching params[0][0].U")
+        raise shape_error("xs", xs.shape, f"{want}: {major}, last axis matching params[0][0].U")
     T, B = xs.shape[:2] if time_major else xs.shape[1::-1]
-    for name, a in (("mask", mask), ("resets", resets)):
-        if a is not None:
-            check_step_flags(name, a, T, B, time_major)
-    if seq_lengths is not None:
-        shape = getattr(seq_lengths, "shape", None)
-        if shape is None or tuple(shape) != (B,):
-            raise ValueError(
-                f"seq_lengths has shape {None if shape is None else tuple(shape)}, expected (B,) = ({B},) "
-                f"from xs {tuple(xs.shape)}"
-            )
-        if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
-            raise TypeError(f"seq_lengths must have an integer dtype, got {seq_lengths.dtype}")
+    check_step_flags("mask", mask, T, B, time_major)
+    check_step_flags("resets", resets, T, B, time_major)
+    check_lengths(seq_lengths, B, xs.shape)
     return B
 
 
@@ -288,15 +267,9 @@ def lstm_stack(
     D0, sizes = stack_sizes(params)
     B = _check_xs(xs, D0, seq_lengths, mask, resets, time_major)
     _check_states0(states0, sizes, B)
-    rec_rate = check_recurrent_dropout(recurrent_dropout, key)
-    if isinstance(dropout, bool) or not isinstance(dropout, (float, int, np.floating, np.integer)):
-        raise TypeError(f"dropout must be a Python float in [0, 1), got {type(dropout).__name__}")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    dropout = float(dropout)
+    rec_rate = check_rate("recurrent_dropout", recurrent_dropout, key)
+    dropout = check_rate("dropout", dropout, key)
     use_dropout = dropout > 0.0 and len(params) > 1
-    if dropout > 0.0 and key is None:
-        raise ValueError(f"dropout={dropout} needs a PRNG key: pass key=jax.random.PRNGKey(...) (or dropout=0.0)")
     keys = jax.random.split(key, len(params) - 1) if use_dropout else None
     x, mask, resets = _time_major(xs, mask, resets, time_major)
 

@@ -1,0 +1,235 @@
+"""The one input front end of ``lstm``, ``lstm_ref`` and ``lstm_trace``, and every argument check.
+
+``prepare`` validates the arguments at trace time, brings them to one layout
+(time-major) and their compute dtypes, and combines ``mask`` and
+``seq_lengths`` into one (T, B) mask of the steps that run. Each check is
+written once here, with one message template (``shape_error``), and the
+stacks and modules call the same checks, prefixing the layer or module.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_lstm._sharding import make_varying, onto_mesh_of, varying_axes
+from jax_lstm.cell import LSTMParams, LSTMState, acc_dtype, check_size
+
+__all__ = [
+    "Prepared",
+    "prepare",
+    "lengths_mask",
+    "shape_error",
+    "check_size",
+    "check_rate",
+    "check_inputs",
+    "check_step_flags",
+    "check_lengths",
+    "check_state",
+]
+
+
+def shape_error(name: str, got, want: str) -> ValueError:
+    """The one message for a wrong shape: the argument, its shape and what was expected (and why)."""
+    got = None if got is None else tuple(got)
+    return ValueError(f"{name} has shape {got}, expected {want}")
+
+
+def check_rate(name: str, rate, key) -> float:
+    """A dropout rate (a static Python float in [0, 1)) and its key; returns the rate as a float."""
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, (float, int, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a Python float in [0, 1), got {type(rate).__name__}")
+    if not 0.0 <= float(rate) < 1.0:  # also refuses nan
+        raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
+    if float(rate) > 0.0 and key is None:
+        raise ValueError(f"{name}={float(rate)} needs a PRNG key: pass key=jax.random.PRNGKey(...) (or {name}=0.0)")
+    return float(rate)
+
+
+def _floating(name: str, a) -> None:
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise TypeError(f"{name} must be floating point, got dtype {a.dtype}")
+
+
+def check_state(name: str, state, B: int, H: int, where: str, dims: str = "(B, H)") -> None:
+    """``state`` is None or an ``(h, c)`` pair of floating (B, H) arrays; ``where`` says where B, H come from."""
+    if state is None:
+        return
+    if not (isinstance(state, tuple) and len(state) == 2):
+        raise TypeError(f"{name} must be LSTMState(h, c) or None, got {type(state).__name__}")
+    for field, a in zip("hc", state, strict=True):
+        shape = getattr(a, "shape", None)
+        if shape is None or tuple(shape) != (B, H):
+            raise shape_error(f"{name}.{field}", shape if shape is not None else (), f"{dims} = ({B}, {H}) {where}")
+        _floating(f"{name}.{field}", a)
+
+
+def check_lengths(seq_lengths, B: int, xs_shape) -> None:
+    """``seq_lengths``: None or an integer (B,) array."""
+    if seq_lengths is None:
+        return
+    shape = getattr(seq_lengths, "shape", None)
+    if shape is None:
+        raise TypeError(f"seq_lengths must be an integer array of shape ({B},), got {type(seq_lengths).__name__}")
+    if tuple(shape) != (B,):
+        raise shape_error("seq_lengths", shape, f"(B,) = ({B},) from xs {tuple(xs_shape)}")
+    if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
+        raise TypeError(f"seq_lengths must have an integer dtype, got {seq_lengths.dtype} with shape {tuple(shape)}")
+
+
+def check_step_flags(name: str, a, T: int, B: int, time_major: bool) -> None:
+    """A per-step boolean array (``mask`` or ``resets``): (T, B), or (B, T) when batch-major."""
+    if a is None:
+        return
+    want = (T, B) if time_major else (B, T)
+    layout = "(T, B)" if time_major else "(B, T) (time_major=False)"
+    shape = getattr(a, "shape", None)
+    if shape is None or not hasattr(a, "dtype"):
+        raise TypeError(f"{name} must be a boolean array of shape {layout} = {want}, got {type(a).__name__}")
+    if tuple(shape) != want:
+        raise shape_error(name, shape, f"{layout} = {want} from xs")
+    if a.dtype != jnp.bool_:
+        raise TypeError(f"{name} must have dtype bool, got {a.dtype} with shape {tuple(shape)}")
+
+
+def check_inputs(params, xs, state0, seq_lengths, unroll, *, time_major=True) -> tuple[int, int, int, int]:
+    """Validate the arguments of ``lstm``/``lstm_ref`` at trace time.
+
+    Returns:
+      (T, B, D, H). Raises ``TypeError``/``ValueError`` naming the argument and
+      both shapes.
+    """
+    if not isinstance(params, tuple) or len(params) != 3:
+        raise TypeError(f"params must be LSTMParams(W, U, b), got {type(params).__name__}")
+    W, U, b = (a if hasattr(a, "shape") else jnp.asarray(a) for a in params)
+    if W.ndim != 2 or W.shape[1] != 4 * W.shape[0]:
+        raise shape_error("params.W", W.shape, "(H, 4H)")
+    H = W.shape[0]
+    if U.ndim != 2 or U.shape[1] != 4 * H:
+        raise shape_error("params.U", U.shape, f"(D, {4 * H}) to match params.W {tuple(W.shape)}")
+    D = U.shape[0]
+    if b.shape != (4 * H,):
+        raise shape_error("params.b", b.shape, f"({4 * H},) to match params.W {tuple(W.shape)}")
+    layout = "(T, B, D)" if time_major else "(B, T, D)"
+    if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
+        raise TypeError(f"xs must be an array of shape {layout}, got {type(xs).__name__}")
+    if xs.ndim != 3:
+        major = "time-major" if time_major else "batch-major (time_major=False)"
+        raise shape_error("xs", xs.shape, f"{layout} with D={D}: xs is {major} and rank 3")
+    T, B, Dx = xs.shape if time_major else (xs.shape[1], xs.shape[0], xs.shape[2])
+    if Dx != D:
+        want = f"(T, B, {D})" if time_major else f"(B, T, {D})"
+        raise shape_error("xs", xs.shape, f"{want}: its last axis must match params.U {tuple(U.shape)}")
+    for name, a in (("params.W", W), ("params.U", U), ("params.b", b), ("xs", xs)):
+        _floating(name, a)
+    check_state("state0", state0, B, H, f"from xs {tuple(xs.shape)} and params.W {tuple(W.shape)}")
+    check_lengths(seq_lengths, B, xs.shape)
+    if not isinstance(unroll, (int, np.integer)) or isinstance(unroll, bool) or unroll < 1:
+        raise ValueError(f"unroll must be a positive int, got {unroll!r}")
+    return T, B, D, H
+
+
+class Prepared(NamedTuple):
+    """Arguments of ``lstm``/``lstm_ref`` after validation, time-major, in their compute dtypes."""
+
+    params: LSTMParams  # W, U, b in ``dtype``
+    xs: jax.Array  # (T, B, D) in ``dtype``
+    state0: LSTMState  # h, c: (B, H) in acc_dtype(dtype); zeros when None was given
+    mask: jax.Array | None  # (T, B) bool: the steps that run (mask and seq_lengths together), or None
+    resets: jax.Array | None  # (T, B) bool, or None
+    keep: jax.Array | None  # (B, H) recurrent-dropout factor (0 or 1 / (1 - p)) in acc dtype, or None
+    dtype: jnp.dtype
+
+
+def lengths_mask(seq_lengths: jax.Array, T) -> jax.Array:
+    """(T, B) bool, ``t < seq_lengths[b]``, exact for every integer dtype and every T.
+
+    The comparison runs in the lengths' own dtype when every step index fits
+    in it, and otherwise in int32, where every length does (a length is then
+    at most the dtype's maximum, below T): never in a dtype that wraps. A
+    symbolic T (shape-polymorphic export) is taken as fitting a 32- or 64-bit
+    dtype; 8- and 16-bit lengths are then compared in int32.
+    """
+    dtype = jnp.dtype(seq_lengths.dtype)
+    if isinstance(T, (int, np.integer)):
+        fits = T - 1 <= jnp.iinfo(dtype).max
+    else:
+        fits = dtype.itemsize >= 4
+    if not fits:
+        dtype, seq_lengths = jnp.dtype(jnp.int32), seq_lengths.astype(jnp.int32)
+    t = jax.lax.broadcasted_iota(dtype, (T, 1), 0)
+    return t < seq_lengths[None, :]
+
+
+def _check_length_values(seq_lengths, T: int) -> None:
+    """Concrete lengths outside [0, T] are an error; traced ones (under jit) cannot be checked."""
+    try:
+        values = np.asarray(seq_lengths)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    if values.size == 0 or not isinstance(T, (int, np.integer)):
+        return
+    bad = (values < 0) | (values > T)
+    if bad.any():
+        b = int(np.argmax(bad))
+        raise ValueError(
+            f"seq_lengths[{b}] = {values[b]} is outside [0, T] = [0, {T}] for xs with T = {T} steps "
+            f"(all out-of-range lengths: {values[bad].tolist()[:8]})"
+        )
+
+
+def prepare(
+    params,
+    xs,
+    state0,
+    *,
+    seq_lengths=None,
+    mask=None,
+    resets=None,
+    recurrent_dropout=0.0,
+    key=None,
+    unroll=1,
+    time_major=True,
+) -> Prepared:
+    """Validate the arguments of ``lstm``/``lstm_ref`` and bring them to one layout and dtype.
+
+    ``mask`` and ``seq_lengths`` are combined into one (T, B) mask of the steps
+    that run; batch-major arrays are transposed to time-major.
+    """
+    if not isinstance(time_major, (bool, np.bool_)):
+        raise TypeError(f"time_major must be a Python bool, got {type(time_major).__name__}")
+    time_major = bool(time_major)
+    T, B, _, H = check_inputs(params, xs, state0, seq_lengths, unroll, time_major=time_major)
+    check_step_flags("mask", mask, T, B, time_major)
+    check_step_flags("resets", resets, T, B, time_major)
+    rate = check_rate("recurrent_dropout", recurrent_dropout, key)
+    params = LSTMParams(*params)
+    dtype = jnp.result_type(*params, xs)
+    acc = acc_dtype(dtype)
+    params = LSTMParams(*(p.astype(dtype) for p in params))
+    if state0 is None:
+        state0 = LSTMState(jnp.zeros((B, H), acc), jnp.zeros((B, H), acc))
+    else:
+        state0 = LSTMState(state0[0].astype(acc), state0[1].astype(acc))
+    flip = (lambda a: a) if time_major else (lambda a: jnp.swapaxes(a, 0, 1))
+    xs = flip(xs).astype(dtype)
+    if mask is not None:
+        mask = flip(mask)
+    if seq_lengths is not None:
+        _check_length_values(seq_lengths, T)
+        by_length = lengths_mask(seq_lengths, T)
+        mask = by_length if mask is None else mask & by_length
+    if resets is not None:
+        resets = flip(resets)
+    keep = None
+    if rate > 0.0:
+        kept = jax.random.bernoulli(key, 1.0 - rate, (B, H))
+        keep = jnp.where(kept, jnp.asarray(1.0 / (1.0 - rate), acc), jnp.zeros((), acc))
+    params, state0 = onto_mesh_of(xs, params, state0)
+    # Inside shard_map the state is a loop carry: it must vary over every axis its updates vary over.
+    axes = varying_axes(*params, xs, *state0, mask, resets, keep)
+    state0 = LSTMState(*(make_varying(a, axes) for a in state0))
+    return Prepared(params, xs, state0, mask, resets, keep, dtype)
