@@ -1052,6 +1052,13 @@ def _machine() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``jax-lstm bench``."""
+    rest = list(sys.argv[1:] if argv is None else argv)
+    if "--rl" in rest:  # its own flags: jax_lstm.bench_rl
+        try:
+            from jax_lstm import bench_rl
+        except ImportError as e:
+            raise SystemExit(f"jax-lstm bench: error: {e}") from e
+        return bench_rl.main([a for a in rest if a != "--rl"])
     ap = argparse.ArgumentParser(prog="jax-lstm bench", description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--shape",
@@ -1090,6 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: the train step of lstm and lstm_ref with a mask, resets, recurrent dropout, batch-major "
         "input and under vmap, against the plain layer",
     )
+    ap.add_argument("--rl", action="store_true", help="instead: recurrent PPO, ours against Flax (--rl --help)")
     args = ap.parse_args(argv)
     if args.models:
         return _rows_main(args, argv, bench_models, render_models_table)

@@ -1,0 +1,262 @@
+"""``jax-lstm bench --rl``: recurrent PPO with jax_lstm's LSTM against Flax's, and the LSTM training pass alone.
+
+Two tables, each from one interleaved run (every repetition times every variant once, in a shuffled
+order, after untimed warm-up calls; medians):
+
+* **the PPO update** of ``jax_lstm.rl`` on gymnax's MemoryChain (memory length 16): a rollout of
+  T = 128 steps of every environment, GAE, then 4 epochs of 4 minibatch updates (whole environments per
+  minibatch), H = 128, with ``core="ours"`` and ``core="flax"``, at 4, 16 and 64 environments. The
+  rollout alone is timed too, to show what share of the update the training passes leave;
+* **the LSTM training pass alone**: forward and backward of the recurrent core as the PPO loss runs it,
+  over (T = 128, B, D = H = 128) inputs from a carried non-zero state with a reset to zeros before
+  every 17th step of each row (MemoryChain's episodes, at a random phase per row), gradients of
+  ``sum(hs * w)`` for the weights and the inputs, at B = 4, 16, 64: one
+  ``lstm(params, xs, state0, resets=resets, reset_state=None)`` call against ``OptimizedLSTMCell`` under
+  ``nn.scan`` with a ``where`` reset before each step (PureJaxRL's ``ScannedRNN``).
+
+float32, jit-compiled. Needs gymnax and flax (``pip install 'jax_lstm[rl]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+    import gymnax
+
+    from jax_lstm import rl
+except ImportError as e:
+    raise ImportError(f"jax-lstm bench --rl needs gymnax and flax: pip install 'jax_lstm[rl]' ({e})") from e
+
+__all__ = ["TARGETS", "ppo_variants", "pass_variants", "interleave", "bench_ppo", "bench_pass", "render", "main"]
+
+ENVS = (4, 16, 64)
+BATCHES = (4, 16, 64)
+T, H = 128, 128
+MEMORY_LENGTH = 16
+EPISODE = MEMORY_LENGTH + 1  # MemoryChain's episodes last memory_length + 1 steps
+TARGETS = {
+    "ppo_geomean": 0.6,  # ours / flax PPO update time, geo-mean over the env counts, at most
+    "ppo_each": 0.9,  # ... and at each env count
+    "pass_geomean": 0.5,  # ours / flax training pass time, geo-mean over the batch sizes, at most
+}
+CORES = ("ours", "flax")
+
+
+def interleave(variants: dict[str, Callable[[], object]], *, reps: int, warmup: int = 2, seed: int = 0) -> dict:
+    """Median milliseconds of each ``variants[name]()`` (which must block until done).
+
+    ``warmup`` untimed rounds, then ``reps`` rounds, each calling every variant once in a fresh random order.
+    """
+    rng = random.Random(seed)
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(reps):
+        rng.shuffle(names)
+        for name in names:
+            t0 = time.perf_counter()
+            variants[name]()
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _env():
+    env, params = gymnax.make("MemoryChain-bsuite")
+    return env, params.replace(memory_length=MEMORY_LENGTH)
+
+
+def ppo_variants(num_envs: int, *, num_steps: int = T, hidden: int = H, seed: int = 0) -> dict:
+    """``{"update:ours": fn, "update:flax": fn, "rollout:ours": fn, "rollout:flax": fn}`` at ``num_envs``.
+
+    Each fn runs one jit-compiled PPO update (or rollout) from the same runner, after one update to leave
+    the initial state behind, and blocks.
+    """
+    env, env_params = _env()
+    out = {}
+    for core in CORES:
+        config = rl.PPOConfig(
+            core=core, num_envs=num_envs, num_steps=num_steps, hidden=hidden, num_minibatches=min(4, num_envs)
+        )
+        ppo = rl.make_ppo(env, env_params, config)
+        update, rollout = jax.jit(ppo.update), jax.jit(ppo.rollout)
+        runner, _ = jax.block_until_ready(update(ppo.init(jax.random.PRNGKey(seed))))
+        out[f"update:{core}"] = lambda update=update, runner=runner: jax.block_until_ready(update(runner))
+        out[f"rollout:{core}"] = lambda rollout=rollout, runner=runner: jax.block_until_ready(rollout(runner))
+    return out
+
+
+def _pass_problem(batch: int, num_steps: int, hidden: int, seed: int):
+    rng = np.random.default_rng(seed)
+    f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    phase = rng.integers(0, EPISODE, batch)
+    resets = jnp.asarray((np.arange(num_steps)[:, None] + phase[None, :]) % EPISODE == 0)
+    return f32(num_steps, batch, hidden), resets, f32(batch, hidden), f32(batch, hidden), f32(num_steps, batch, hidden)
+
+
+def pass_variants(batch: int, *, num_steps: int = T, hidden: int = H, seed: int = 0) -> dict:
+    """``{"pass:ours": fn, "pass:flax": fn}``: forward + backward of each core over (num_steps, batch, hidden)."""
+    xs, resets, h, c, w = _pass_problem(batch, num_steps, hidden, seed)
+    out = {}
+    for core in CORES:
+        module = rl.LSTMCore(hidden, hidden) if core == "ours" else rl.FlaxLSTMCore(hidden)
+        carry = rl.LSTMState(h, c) if core == "ours" else (c, h)
+        variables = module.init(jax.random.PRNGKey(seed), carry, xs, resets)
+
+        def loss(variables, xs, module=module, carry=carry):
+            _, hs = module.apply(variables, carry, xs, resets)
+            return jnp.sum(hs * w)
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        jax.block_until_ready(grad(variables, xs))
+        out[f"pass:{core}"] = lambda grad=grad, variables=variables: jax.block_until_ready(grad(variables, xs))
+    return out
+
+
+def _geomean(xs: Sequence[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def bench_ppo(envs: Sequence[int], *, reps: int, warmup: int, num_steps: int = T, hidden: int = H) -> dict:
+    """One interleaved run over every env count and core; rows with the medians and ours / flax."""
+    variants = {}
+    for n in envs:
+        variants.update({f"{n}:{k}": fn for k, fn in ppo_variants(n, num_steps=num_steps, hidden=hidden).items()})
+        print(f"compiled the PPO update at {n} envs", file=sys.stderr)
+    ms = interleave(variants, reps=reps, warmup=warmup)
+    rows = []
+    for n in envs:
+        row = {f"{part}_{core}_ms": ms[f"{n}:{part}:{core}"] for part in ("update", "rollout") for core in CORES}
+        row.update(envs=n, ratio=row["update_ours_ms"] / row["update_flax_ms"])
+        rows.append(row)
+    return dict(rows=rows, geomean=_geomean([r["ratio"] for r in rows]))
+
+
+def bench_pass(batches: Sequence[int], *, reps: int, warmup: int, num_steps: int = T, hidden: int = H) -> dict:
+    """One interleaved run of the training pass over every batch size and core."""
+    variants = {}
+    for b in batches:
+        variants.update({f"{b}:{k}": fn for k, fn in pass_variants(b, num_steps=num_steps, hidden=hidden).items()})
+    ms = interleave(variants, reps=reps, warmup=warmup)
+    rows = []
+    for b in batches:
+        ours, flax = ms[f"{b}:pass:ours"], ms[f"{b}:pass:flax"]
+        rows.append(dict(batch=b, ours_ms=ours, flax_ms=flax, ratio=ours / flax))
+    return dict(rows=rows, geomean=_geomean([r["ratio"] for r in rows]))
+
+
+def render(report: dict) -> str:
+    """Both tables as Markdown, with the targets and whether they are met."""
+    t = report["targets"]
+    ok = lambda met: "met" if met else "MISSED"  # noqa: E731
+    lines = []
+    ppo = report.get("ppo")
+    if ppo:
+        lines += [
+            f"PPO update (rollout T = {report['num_steps']} + 4 epochs x 4 minibatches, H = {report['hidden']}), "
+            "median ms:",
+            "",
+            "| envs | Flax update | ours update | ours / Flax | Flax rollout | ours rollout |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in ppo["rows"]:
+            lines.append(
+                f"| {r['envs']} | {r['update_flax_ms']:.1f} | {r['update_ours_ms']:.1f} | **{r['ratio']:.2f}** | "
+                f"{r['rollout_flax_ms']:.1f} | {r['rollout_ours_ms']:.1f} |"
+            )
+        worst = max(r["ratio"] for r in ppo["rows"])
+        lines += [
+            f"| geometric mean | | | **{ppo['geomean']:.2f}** | | |",
+            "",
+            f"target: geomean <= {t['ppo_geomean']} ({ok(ppo['geomean'] <= t['ppo_geomean'])}), "
+            f"each <= {t['ppo_each']} ({ok(worst <= t['ppo_each'])})",
+            "",
+        ]
+    lp = report.get("pass")
+    if lp:
+        lines += [
+            f"LSTM training pass alone (forward + backward, T = {report['num_steps']}, D = H = {report['hidden']}, "
+            "resets to zeros), median ms:",
+            "",
+            "| B | Flax | ours | ours / Flax |",
+            "|---|---|---|---|",
+        ]
+        for r in lp["rows"]:
+            lines.append(f"| {r['batch']} | {r['flax_ms']:.2f} | {r['ours_ms']:.2f} | **{r['ratio']:.2f}** |")
+        lines += [
+            f"| geometric mean | | | **{lp['geomean']:.2f}** |",
+            "",
+            f"target: geomean <= {t['pass_geomean']} ({ok(lp['geomean'] <= t['pass_geomean'])})",
+        ]
+    return "\n".join(lines)
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        v = [int(x) for x in s.split(",")]
+    except ValueError:
+        v = []
+    if not v or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of positive ints, got {s!r}")
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``jax-lstm bench --rl``."""
+    ap = argparse.ArgumentParser(prog="jax-lstm bench --rl", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--envs", type=_ints, default=list(ENVS), help="env counts of the PPO update (default 4,16,64)")
+    ap.add_argument("--batch", type=_ints, default=list(BATCHES), help="B of the training pass (default 4,16,64)")
+    ap.add_argument("--num-steps", type=int, default=T, help=f"rollout length T (default {T})")
+    ap.add_argument("--hidden", type=int, default=H, help=f"H (default {H})")
+    ap.add_argument("--reps", type=int, default=10, help="timed rounds of the PPO updates (default 10)")
+    ap.add_argument("--pass-reps", type=int, default=30, help="timed rounds of the training passes (default 30)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (default 2)")
+    ap.add_argument("--no-ppo", action="store_true", help="leave out the PPO update")
+    ap.add_argument("--no-pass", action="store_true", help="leave out the training pass alone")
+    ap.add_argument("--quick", action="store_true", help="a tiny smoke run: 4 envs, B = 4, T = H = 16, 2 rounds")
+    ap.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.envs, args.batch, args.num_steps, args.hidden = [4], [4], 16, 16
+        args.reps, args.pass_reps, args.warmup = 2, 2, 1
+    t0 = time.perf_counter()
+    report = dict(
+        command="jax-lstm bench --rl " + " ".join(argv if argv is not None else sys.argv[1:]),
+        machine=dict(
+            platform=platform.platform(), jax=jax.__version__, backend=jax.default_backend(), cpus=os.cpu_count()
+        ),
+        num_steps=args.num_steps,
+        hidden=args.hidden,
+        targets=TARGETS,
+    )
+    kw = dict(warmup=args.warmup, num_steps=args.num_steps, hidden=args.hidden)
+    if not args.no_ppo:
+        report["ppo"] = bench_ppo(args.envs, reps=args.reps, **kw)
+    if not args.no_pass:
+        report["pass"] = bench_pass(args.batch, reps=args.pass_reps, **kw)
+    report["wall_s"] = time.perf_counter() - t0
+    print(render(report))
+    print(f"\n(total {report['wall_s']:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
