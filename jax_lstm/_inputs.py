@@ -29,6 +29,7 @@ __all__ = [
     "check_step_flags",
     "check_lengths",
     "check_state",
+    "check_activations",
 ]
 
 
@@ -47,6 +48,13 @@ def check_rate(name: str, rate, key) -> float:
     if float(rate) > 0.0 and key is None:
         raise ValueError(f"{name}={float(rate)} needs a PRNG key: pass key=jax.random.PRNGKey(...) (or {name}=0.0)")
     return float(rate)
+
+
+def check_activations(gate_fn, activation_fn) -> None:
+    """``gate_fn`` and ``activation_fn``: element-wise functions (static: Python callables)."""
+    for name, fn in (("gate_fn", gate_fn), ("activation_fn", activation_fn)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be an element-wise function such as jax.nn.sigmoid, got {fn!r}")
 
 
 def _floating(name: str, a) -> None:
@@ -140,6 +148,7 @@ class Prepared(NamedTuple):
     state0: LSTMState  # h, c: (B, H) in acc_dtype(dtype); zeros when None was given
     mask: jax.Array | None  # (T, B) bool: the steps that run (mask and seq_lengths together), or None
     resets: jax.Array | None  # (T, B) bool, or None
+    reset_state: LSTMState | None  # h, c: (B, H) in acc dtype, what a reset restores (zeros); None without resets
     keep: jax.Array | None  # (B, H) recurrent-dropout factor (0 or 1 / (1 - p)) in acc dtype, or None
     dtype: jnp.dtype
 
@@ -189,10 +198,13 @@ def prepare(
     seq_lengths=None,
     mask=None,
     resets=None,
+    reset_state=None,
     recurrent_dropout=0.0,
     key=None,
     unroll=1,
     time_major=True,
+    gate_fn=jax.nn.sigmoid,
+    activation_fn=jnp.tanh,
 ) -> Prepared:
     """Validate the arguments of ``lstm``/``lstm_ref`` and bring them to one layout and dtype.
 
@@ -205,6 +217,8 @@ def prepare(
     T, B, _, H = check_inputs(params, xs, state0, seq_lengths, unroll, time_major=time_major)
     check_step_flags("mask", mask, T, B, time_major)
     check_step_flags("resets", resets, T, B, time_major)
+    check_state("reset_state", reset_state, B, H, f"from xs {tuple(xs.shape)} and params.W {tuple(params[0].shape)}")
+    check_activations(gate_fn, activation_fn)
     rate = check_rate("recurrent_dropout", recurrent_dropout, key)
     params = LSTMParams(*params)
     dtype = jnp.result_type(*params, xs)
@@ -224,12 +238,22 @@ def prepare(
         mask = by_length if mask is None else mask & by_length
     if resets is not None:
         resets = flip(resets)
+        if reset_state is None:
+            reset_state = LSTMState(jnp.zeros((B, H), acc), jnp.zeros((B, H), acc))
+        else:
+            reset_state = LSTMState(reset_state[0].astype(acc), reset_state[1].astype(acc))
+    else:
+        reset_state = None  # nothing resets: the reset state is never read
     keep = None
     if rate > 0.0:
         kept = jax.random.bernoulli(key, 1.0 - rate, (B, H))
         keep = jnp.where(kept, jnp.asarray(1.0 / (1.0 - rate), acc), jnp.zeros((), acc))
     params, state0 = onto_mesh_of(xs, params, state0)
-    # Inside shard_map the state is a loop carry: it must vary over every axis its updates vary over.
-    axes = varying_axes(*params, xs, *state0, mask, resets, keep)
+    if reset_state is not None:
+        _, reset_state = onto_mesh_of(xs, params, reset_state)
+    # Inside shard_map the states are loop carries: they must vary over every axis their updates vary over.
+    axes = varying_axes(*params, xs, *state0, mask, resets, keep, *(reset_state or ()))
     state0 = LSTMState(*(make_varying(a, axes) for a in state0))
-    return Prepared(params, xs, state0, mask, resets, keep, dtype)
+    if reset_state is not None:
+        reset_state = LSTMState(*(make_varying(a, axes) for a in reset_state))
+    return Prepared(params, xs, state0, mask, resets, reset_state, keep, dtype)

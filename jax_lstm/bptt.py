@@ -37,7 +37,15 @@ import jax.numpy as jnp
 from jax_lstm import _vmap_fold as fold
 from jax_lstm._inputs import prepare
 from jax_lstm._sharding import make_varying, on_explicit_mesh, sum_over_extra_axes, varying_axes, weight_sharding
-from jax_lstm.cell import LSTMState, cell_update, gate_activations, split_gates
+from jax_lstm.cell import (
+    LSTMState,
+    activation_derivative,
+    cell_update,
+    gate_activations,
+    gate_derivatives,
+    is_default,
+    split_gates,
+)
 
 __all__ = ["lstm"]
 
@@ -50,11 +58,14 @@ def lstm(
     seq_lengths=None,
     mask=None,
     resets=None,
+    reset_state=None,
     recurrent_dropout=0.0,
     key=None,
     reverse=False,
     unroll=1,
     time_major=True,
+    gate_fn=jax.nn.sigmoid,
+    activation_fn=jnp.tanh,
 ):
     """Run an LSTM layer over a sequence; gradients by hand-written BPTT.
 
@@ -73,9 +84,12 @@ def lstm(
         zero and its input gets zero gradient. Any pattern; with
         ``seq_lengths`` too, a step runs only where both allow it.
       resets: optional (T, B) bool (same layout rule). Where True the state is
-        set to ``state0`` (zeros when None) just before step t is visited,
-        whether or not step t is masked. No gradient crosses a reset; the
-        gradient of ``state0`` sums over the start and every reset.
+        set to ``reset_state`` just before step t is visited, whether or not
+        step t is masked. No gradient crosses a reset.
+      reset_state: ``LSTMState`` with h, c: (B, H) that a reset restores; None
+        means zeros. ``state0`` is only the state before the first visited
+        step: its gradient comes from the start alone, and ``reset_state``'s
+        sums over every reset. ``reset_state=state0`` restores the start.
       recurrent_dropout: rate p of variational dropout (Gal & Ghahramani, 2016)
         on h_{t-1}: one (B, H) mask per sequence,
         ``keep = jax.random.bernoulli(key, 1 - p, (B, H))``, the same at every
@@ -89,6 +103,10 @@ def lstm(
       unroll: unroll factor of the forward and backward loops; changes speed, not values.
       time_major: False for batch-major ``xs`` (B, T, D), ``hs`` (B, T, H),
         ``mask`` and ``resets`` (B, T); states and lengths are the same either way.
+      gate_fn: element-wise activation of the f, i and o gates (static; default
+        sigmoid). The backward evaluates its derivative at the pre-activations.
+      activation_fn: element-wise activation of the candidate g and of c_t in
+        h_t = o * activation_fn(c_t) (static; default tanh).
 
     Returns:
       ``(hs, LSTMState(h, c))`` with hs: (T, B, H) ((B, T, H) batch-major), h, c: (B, H).
@@ -116,57 +134,72 @@ def lstm(
         seq_lengths=seq_lengths,
         mask=mask,
         resets=resets,
+        reset_state=reset_state,
         recurrent_dropout=recurrent_dropout,
         key=key,
         unroll=unroll,
         time_major=time_major,
+        gate_fn=gate_fn,
+        activation_fn=activation_fn,
     )
     dtype, state0 = a.dtype, a.state0
     if a.xs.shape[0] == 0:  # no steps: the state passes through, as in lstm_ref
         hs = jnp.zeros((0, a.xs.shape[1], a.params.W.shape[0]), dtype)
         h, c = state0
     else:
-        args = (*a.params, a.xs, state0.h, state0.c, a.mask, a.resets, a.keep)
-        hs, h, c = _folded_core(bool(reverse), int(unroll))(*args)
+        hr, cr = (None, None) if a.reset_state is None else a.reset_state
+        args = (*a.params, a.xs, state0.h, state0.c, hr, cr, a.mask, a.resets, a.keep)
+        hs, h, c = _folded_core(_Static(bool(reverse), int(unroll), gate_fn, activation_fn))(*args)
     hs = hs.astype(dtype)
     return (hs if time_major else jnp.swapaxes(hs, 0, 1)), LSTMState(h.astype(dtype), c.astype(dtype))
 
 
 # --------------------------------------------------------------------------------------------------
-# The custom_vjp. Arguments: W, U, b, xs, h0, c0, mask, resets, keep (the last three may be None).
+# The custom_vjp. Arguments: W, U, b, xs, the state h0, c0, the reset state hr, cr, mask, resets, keep
+# (the last five may be None), and the static options.
+
+
+class _Static(NamedTuple):
+    reverse: bool
+    unroll: int
+    gate_fn: object  # element-wise, e.g. jax.nn.sigmoid
+    activation_fn: object  # element-wise, e.g. jnp.tanh
+
 
 _W, _R0, _R1 = fold.WEIGHT, fold.rows(0), fold.rows(1)  # a weight; a row array with its batch axis at 0 or 1
-_CORE_IN = (_W, _W, _W, _R1, _R0, _R0, _R1, _R1, _R0)  # W, U, b, xs, h0, c0, mask, resets, keep
+_CORE_IN = (_W, _W, _W, _R1, _R0, _R0, _R0, _R0, _R1, _R1, _R0)  # W, U, b, xs, h0, c0, hr, cr, mask, resets, keep
 _CORE_OUT = (_R1, _R0, _R0)  # hs, h_T, c_T
 
 
 @functools.cache
-def _folded_core(reverse, unroll):
-    return fold.fold_before(lambda *args: _lstm_core(*args, reverse, unroll), _CORE_IN, _CORE_OUT)
+def _folded_core(static: _Static):
+    return fold.fold_before(lambda *args: _lstm_core(*args, static), _CORE_IN, _CORE_OUT)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
-def _lstm_core(W, U, b, xs, h0, c0, mask, resets, keep, reverse, unroll):
-    return _kernels(reverse, unroll).forward(W, U, b, xs, h0, c0, mask, resets, keep)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
+def _lstm_core(W, U, b, xs, h0, c0, hr, cr, mask, resets, keep, static):
+    return _kernels(static).forward(W, U, b, xs, h0, c0, hr, cr, mask, resets, keep)
 
 
-def _lstm_fwd(W, U, b, xs, h0, c0, mask, resets, keep, reverse, unroll):
-    (hs, h, c), (coef, dcdh_f) = _kernels(reverse, unroll).forward_saving(W, U, b, xs, h0, c0, mask, resets, keep)
-    return (hs, h, c), (W, U, b, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f)
+def _lstm_fwd(W, U, b, xs, h0, c0, hr, cr, mask, resets, keep, static):
+    (hs, h, c), (coef, dcdh_f) = _kernels(static).forward_saving(W, U, b, xs, h0, c0, hr, cr, mask, resets, keep)
+    return (hs, h, c), (W, U, b, xs, h0, c0, hr, cr, mask, resets, keep, hs, coef, dcdh_f)
 
 
 @jax.named_scope("lstm_bptt_bwd")
-def _lstm_bwd(reverse, unroll, res, cts):
-    W, U, b, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f = res
+def _lstm_bwd(static, res, cts):
+    W, U, b, xs, h0, c0, hr, cr, mask, resets, keep, hs, coef, dcdh_f = res
     del res
     dhs, dh_T, dc_T = cts
-    dW, dU, db, dxs, dh0, dc0 = _kernels(reverse, unroll).backward(
-        W, U, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T
+    dW, dU, db, dxs, dh0, dc0, dhr, dcr = _kernels(static).backward(
+        W, U, xs, h0, c0, hr, cr, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T
     )
     # inside shard_map a weight that is the same on every shard gets the sum of the shards' gradients
     grads = (dW, dU, db, dxs, dh0, dc0)
     primals = (W, U, b, xs, h0, c0)
-    return (*(sum_over_extra_axes(g, p) for g, p in zip(grads, primals, strict=True)), None, None, None)
+    grads = tuple(sum_over_extra_axes(g, p) for g, p in zip(grads, primals, strict=True))
+    reset_grads = (None, None) if hr is None else (sum_over_extra_axes(dhr, hr), sum_over_extra_axes(dcr, cr))
+    return (*grads, *reset_grads, None, None, None)
 
 
 _lstm_core.defvjp(_lstm_fwd, _lstm_bwd)
@@ -175,24 +208,26 @@ _lstm_core.defvjp(_lstm_fwd, _lstm_bwd)
 class _Kernels(NamedTuple):
     forward: fold.Foldable  # -> hs, h_T, c_T
     forward_saving: fold.Foldable  # -> (hs, h_T, c_T), (coef, dcdh_f)
-    backward: fold.Foldable  # -> dW, dU, db, dxs, dh0, dc0
+    backward: fold.Foldable  # -> dW, dU, db, dxs, dh0, dc0, dhr, dcr
 
 
 @functools.cache
-def _kernels(reverse: bool, unroll: int) -> _Kernels:
-    """The three kernels for one direction and unroll, each folding ``jax.vmap`` into its rows."""
-    fwd = functools.partial(_forward, reverse=reverse, unroll=unroll)
-    bwd_in = (_W, _W, _R1, _R0, _R0, _R1, _R1, _R0, _R1, _R1, _R1, _R1, _R0, _R0)  # ..., hs, coef, dcdh_f, cts
+def _kernels(static: _Static) -> _Kernels:
+    """The three kernels for one set of static options, each folding ``jax.vmap`` into its rows."""
+    fwd = functools.partial(_forward, **static._asdict())
+    # W, U, xs, h0, c0, hr, cr, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T
+    bwd_in = (_W, _W, _R1, _R0, _R0, _R0, _R0, _R1, _R1, _R0, _R1, _R1, _R1, _R1, _R0, _R0)
+    kw = {"reverse": static.reverse, "unroll": static.unroll}
 
     def backward(groups):
         if groups is None:
-            return functools.partial(_backward, reverse=reverse, unroll=unroll)
-        return functools.partial(_backward_per_group, groups=groups, reverse=reverse, unroll=unroll)
+            return functools.partial(_backward, **kw)
+        return functools.partial(_backward_per_group, groups=groups, **kw)
 
     return _Kernels(
         forward=fold.Foldable(lambda g: functools.partial(fwd, save=False), _CORE_IN, _CORE_OUT),
         forward_saving=fold.Foldable(lambda g: functools.partial(fwd, save=True), _CORE_IN, (_CORE_OUT, (_R1, _R1))),
-        backward=fold.Foldable(backward, bwd_in, (_W, _W, _W, _R1, _R0, _R0)),
+        backward=fold.Foldable(backward, bwd_in, (_W, _W, _W, _R1, _R0, _R0, _R0, _R0)),
     )
 
 
@@ -200,13 +235,17 @@ def _kernels(reverse: bool, unroll: int) -> _Kernels:
 # The forward kernel.
 
 
-def _forward(W, U, b, xs, h0, c0, mask, resets, keep, *, reverse, unroll, save):
+def _forward(W, U, b, xs, h0, c0, hr, cr, mask, resets, keep, *, reverse, unroll, gate_fn, activation_fn, save):
     """The fused forward pass. Returns (hs, h_T, c_T) and, if ``save``, the residuals (coef, dcdh_f).
 
     ``coef``: (T, B, 4H), per gate block the factor that turns dc_t (f, i, g)
     or dh_t (o) into the gate's delta; ``dcdh_f``: (T, B, 2H), [dc_t/dh_t | f_t].
     At skipped steps coef and dc_t/dh_t are zero and f_t is one, so the
-    backward passes the state's gradient through untouched.
+    backward passes the state's gradient through untouched. With σ = ``gate_fn``
+    and φ = ``activation_fn`` the coefficients are c_{t-1} σ'(z_f), g σ'(z_i),
+    i φ'(z_g), φ(c_t) σ'(z_o), and dc_t/dh_t = o φ'(c_t): derivatives at the
+    pre-activations, evaluated here, so the residuals are the same six (T, B, H)
+    blocks whatever the functions are.
     """
     acc = h0.dtype
     T = xs.shape[0]
@@ -216,19 +255,30 @@ def _forward(W, U, b, xs, h0, c0, mask, resets, keep, *, reverse, unroll, save):
     # fuses with the gate math instead of costing a pass of its own over (T, B, 4H).
     xp = jnp.einsum("tbd,dg->tbg", xs, U, preferred_element_type=acc)
     bias = b.astype(acc)[None, :]
-    axes = varying_axes(W, U, b, xs, h0, c0, mask, resets, keep)
+    axes = varying_axes(W, U, b, xs, h0, c0, hr, cr, mask, resets, keep)
     h0, c0 = make_varying(h0, axes), make_varying(c0, axes)
+    standard = is_default(gate_fn, activation_fn)
 
     def cell(h, c, xp_t, m_t, r_t):
-        if r_t is not None:  # a reset: the step starts from state0
+        if r_t is not None:  # a reset: the step starts from the reset state
             r = r_t[:, None]
-            h, c = jnp.where(r, h0, h), jnp.where(r, c0, c)
+            h, c = jnp.where(r, hr, h), jnp.where(r, cr, c)
         h_in = h if keep is None else h * keep  # recurrent dropout on h_{t-1} in h @ W only
-        act = gate_activations(xp_t + bias + jnp.matmul(h_in.astype(W.dtype), W, preferred_element_type=acc))
-        c_new, tc, h_new = cell_update(c, act)
+        z = xp_t + bias + jnp.matmul(h_in.astype(W.dtype), W, preferred_element_type=acc)
+        if save and not standard:
+            act, dact = gate_derivatives(z, gate_fn, activation_fn)
+        else:
+            act = gate_activations(z, gate_fn, activation_fn)
+        c_new, tc, h_new = cell_update(c, act, activation_fn)
         out = h_new
         res = None
-        if save:
+        if save and not standard:  # the same coefficients as below, with σ', φ' by forward mode
+            f, i, g, o = split_gates(act)
+            df, di, dg, do = split_gates(dact)
+            coef = jnp.concatenate([c * df, g * di, i * dg, tc * do], axis=-1)
+            dcdh = o * activation_derivative(c_new, activation_fn)[1]
+            f_keep = f
+        elif save:
             f, i, g, o = split_gates(act)
             # The local derivatives of this step, while every operand is at hand. Each
             # is a derivative with respect to the pre-activation: the seed's δ13..δ16 apply
@@ -293,35 +343,40 @@ def _forward(W, U, b, xs, h0, c0, mask, resets, keep, *, reverse, unroll, save):
 # The backward kernel.
 
 
-def _backward(W, U, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T, *, reverse, unroll):
-    """The hand-written BPTT. Returns (dW, dU, db, dxs, dh0, dc0)."""
+def _backward(W, U, xs, h0, c0, hr, cr, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T, *, reverse, unroll):
+    """The hand-written BPTT. Returns (dW, dU, db, dxs, dh0, dc0, dhr, dcr)."""
     acc = h0.dtype
-    dz, dxs, dh0, dc0 = _deltas(W, U, xs, h0, c0, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T, reverse, unroll)
-    h_in, x_in = _step_inputs(hs, xs, h0, mask, resets, keep, reverse)
+    dz, dxs, *dstates = _deltas(
+        W, U, xs, h0, c0, hr, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T, reverse, unroll
+    )
+    h_in, x_in = _step_inputs(hs, xs, h0, hr, mask, resets, keep, reverse)
     # seed: δW = Σ_t h_{t-1}^T * δ13..16 and δU = Σ_t x_t^T * δ13..16; the seed has no bias, its
     # gradient is Σ_t dz_t
     dW = _contract(h_in.astype(W.dtype), dz.astype(W.dtype), W, acc)
     dU = _contract(x_in.astype(U.dtype), dz.astype(U.dtype), U, acc)
     db = dz.sum(axis=(0, 1))
-    return dW.astype(W.dtype), dU.astype(U.dtype), db.astype(W.dtype), dxs, dh0, dc0
+    return dW.astype(W.dtype), dU.astype(U.dtype), db.astype(W.dtype), dxs, *dstates
 
 
-def _backward_per_group(W, U, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T, *, groups, **kw):
+def _backward_per_group(
+    W, U, xs, h0, c0, hr, cr, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T, *, groups, **kw
+):
     """``_backward`` for batch rows that are ``groups`` problems stacked (examples under ``jax.vmap``):
     dW, dU, db per group, (groups, H, 4H), (groups, D, 4H), (groups, 4H)."""
     acc = h0.dtype
-    dz, dxs, dh0, dc0 = _deltas(W, U, xs, h0, c0, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T, **kw)
-    h_in, x_in = _step_inputs(hs, xs, h0, mask, resets, keep, kw["reverse"])
+    dz, dxs, *dstates = _deltas(W, U, xs, h0, c0, hr, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T, **kw)
+    h_in, x_in = _step_inputs(hs, xs, h0, hr, mask, resets, keep, kw["reverse"])
     T, B = xs.shape[:2]
     split = lambda a, dtype: a.reshape(T, groups, B // groups, a.shape[-1]).astype(dtype)  # noqa: E731
     dW = jnp.einsum("tnbh,tnbg->nhg", split(h_in, W.dtype), split(dz, W.dtype), preferred_element_type=acc)
     dU = jnp.einsum("tnbd,tnbg->ndg", split(x_in, U.dtype), split(dz, U.dtype), preferred_element_type=acc)
     db = split(dz, acc).sum(axis=(0, 2))
-    return dW.astype(W.dtype), dU.astype(U.dtype), db.astype(W.dtype), dxs, dh0, dc0
+    return dW.astype(W.dtype), dU.astype(U.dtype), db.astype(W.dtype), dxs, *dstates
 
 
-def _deltas(W, U, xs, h0, c0, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T, reverse, unroll):
-    """The backward loop: every step's gate deltas dz (T, B, 4H), then dxs and the state's gradients."""
+def _deltas(W, U, xs, h0, c0, hr, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T, reverse, unroll):
+    """The backward loop: every step's gate deltas dz (T, B, 4H), then dxs, the gradients of the
+    initial state (dh0, dc0) and of the reset state (dhr, dcr: zero without resets)."""
     acc = h0.dtype
     T = xs.shape[0]
     H = W.shape[0]
@@ -330,7 +385,7 @@ def _deltas(W, U, xs, h0, c0, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T,
     W_T = W.T  # (4H, H), transposed once: a plain matmul in the loop is faster than a transposed one
 
     def body(k, carry):
-        dh_next, dc_next, dh0, dc0, buf = carry  # seed δ2 (future hidden state) and δ4 (future cell)
+        dh_next, dc_next, dhr, dcr, buf = carry  # seed δ2 (future hidden state) and δ4 (future cell)
         t = (k if reverse else T - 1 - k).astype(jnp.uint32)
         row = lambda a: jax.lax.dynamic_index_in_dim(a, t, keepdims=False)  # noqa: E731
         dh_out, coef_t, df = row(dhs), row(buf), row(dcdh_f)
@@ -348,34 +403,34 @@ def _deltas(W, U, xs, h0, c0, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T,
         if mask is not None:  # skipped step: the hidden state passed through untouched, and the step's
             # output is the constant zero, so its cotangent dh_out goes nowhere (dz is zero there too)
             dh_prev = jnp.where(row(mask)[:, None], dh_prev, dh_next)
-        if resets is not None:  # a reset: what reached the entering state belongs to state0, not to step t-1
+        if resets is not None:  # a reset: what reached the entering state belongs to the reset state
             r = row(resets)[:, None]
-            dh0 = dh0 + jnp.where(r, dh_prev, jnp.zeros_like(dh_prev))
-            dc0 = dc0 + jnp.where(r, dc_prev, jnp.zeros_like(dc_prev))
+            dhr = dhr + jnp.where(r, dh_prev, jnp.zeros_like(dh_prev))
+            dcr = dcr + jnp.where(r, dc_prev, jnp.zeros_like(dc_prev))
             dh_prev = jnp.where(r, jnp.zeros_like(dh_prev), dh_prev)
             dc_prev = jnp.where(r, jnp.zeros_like(dc_prev), dc_prev)
         # dz_t replaces the coefficients it was made from: after the loop, buf holds every step's dz
         buf = jax.lax.dynamic_update_index_in_dim(buf, dz, t, 0)
-        return dh_prev, dc_prev, dh0, dc0, buf
+        return dh_prev, dc_prev, dhr, dcr, buf
 
     zeros = jnp.zeros_like(dh_T, dtype=acc)
     carry0 = tuple(make_varying(a, axes) for a in (dh_T.astype(acc), dc_T.astype(acc), zeros, zeros, coef))
-    dh_first, dc_first, dh0_resets, dc0_resets, dz = jax.lax.fori_loop(0, T, body, carry0, unroll=unroll)
-    dh0 = dh_first + dh0_resets  # state0's gradient: from the start and from every reset
-    dc0 = dc_first + dc0_resets
+    # what is left at the start is state0's gradient; the reset state's sums over every reset
+    dh0, dc0, dhr, dcr, dz = jax.lax.fori_loop(0, T, body, carry0, unroll=unroll)
     # seed δ26 = δ17 + δ19 + δ21 + δ23 = dz @ U^T (the seed's δ23 uses W_f^T where U_f^T belongs)
     dxs = jnp.einsum("tbg,dg->tbd", dz.astype(U.dtype), U, preferred_element_type=acc)
-    return dz, dxs.astype(xs.dtype), dh0.astype(h0.dtype), dc0.astype(c0.dtype)
+    dtype = h0.dtype if hr is None else hr.dtype
+    return dz, dxs.astype(xs.dtype), dh0.astype(h0.dtype), dc0.astype(c0.dtype), dhr.astype(dtype), dcr.astype(dtype)
 
 
-def _step_inputs(hs, xs, h0, mask, resets, keep, reverse):
+def _step_inputs(hs, xs, h0, hr, mask, resets, keep, reverse):
     """What each step multiplied by W and by U: h_{t-1} (after any reset and recurrent dropout) and x_t.
 
     At a skipped step dz is zero; its x_t is replaced by zero as well, so that
     a NaN or Inf stored there (a missing value, masked out) cannot turn
     ``x_t^T dz_t = NaN * 0`` into a NaN weight gradient.
     """
-    h_in = _entering_h(hs, h0, mask, resets, reverse)
+    h_in = _entering_h(hs, h0, hr, mask, resets, reverse)
     if keep is not None:
         h_in = h_in * keep[None]
     x_in = xs if mask is None else jnp.where(mask[..., None], xs, jnp.zeros_like(xs))
@@ -389,30 +444,31 @@ def _shift(a, first, reverse):
     return jnp.concatenate([first[None], a[:-1]], axis=0)
 
 
-def _entering_h(hs, h0, mask, resets, reverse):
+def _entering_h(hs, h0, hr, mask, resets, reverse):
     """h_{t-1} as step t saw it: (T, B, H), after any reset, before recurrent dropout.
 
-    Without a mask it is the previous output (or ``h0`` at the start and at a
+    Without a mask it is the previous output (``h0`` at the start, ``hr`` at a
     reset). With one, the previous output may be a skipped step's zero: the
     state entering step t is the output of the last step that ran before it,
-    or ``h0`` if a reset (or the start) came after that step. For all t at
-    once, each step gets an event code in run order k (k = t forward,
-    T - 1 - t reversed): 2k + 1 where the step ran, 2k where it was skipped
-    but reset, -1 otherwise. A running maximum of the codes gives, at every
-    t, the latest event; an odd one names the step whose output is carried.
-    For one row, forward, with steps 1 and 3 skipped and a reset at 3::
+    unless the start or a reset came after that step (then ``h0`` or ``hr``).
+    For all t at once, each step gets an event code in run order k (k = t
+    forward, T - 1 - t reversed): 2k + 1 where the step ran, 2k where it was
+    skipped but reset, -1 otherwise. A running maximum of the codes gives, at
+    every t, the latest event: an odd one names the step whose output is
+    carried, an even one a reset, -1 the start. For one row, forward, with
+    steps 1 and 3 skipped and a reset at 3::
 
         t           0    1    2    3    4
         ran         y    n    y    n    y
         reset       n    n    n    y    n
         event       1   -1    5    6    9
         cummax      1    1    5    6    9
-        carried     0    0    2    -    4     (odd code 2k + 1 -> step k; even: a reset, h0)
-        entering   h0  hs0  hs0  h0  h0       (the carried value after step t - 1; a reset at t: h0)
+        carried     0    0    2   hr    4     (after step t: odd code 2k + 1 -> step k's output)
+        entering   h0  hs0  hs0   hr   hr     (the carried value after step t - 1; a reset at t: hr)
     """
     if mask is None:
         h_prev = _shift(hs, h0, reverse)
-        return h_prev if resets is None else jnp.where(resets[..., None], h0[None], h_prev)
+        return h_prev if resets is None else jnp.where(resets[..., None], hr[None], h_prev)
     T = hs.shape[0]
     k = jnp.arange(T, dtype=jnp.int32)[:, None]
     pos = T - 1 - k if reverse else k  # run position of step t
@@ -420,14 +476,15 @@ def _entering_h(hs, h0, mask, resets, reverse):
     if resets is not None:
         event = jnp.where(~mask & resets, 2 * pos, event)
     last = jax.lax.cummax(event, axis=0, reverse=reverse)  # the latest event at or before t in run order
-    # the run position of the step whose output is carried
-    src_pos = jnp.where((last >= 0) & (last % 2 == 1), last // 2, -1)
-    src_after = jnp.where(src_pos >= 0, T - 1 - src_pos if reverse else src_pos, -1)  # its time index
+    # what is carried after step t: the time index of the step whose output it is, -2 the reset state, -1 h0
+    ran = last // 2 if not reverse else T - 1 - last // 2
+    src_after = jnp.where(last < 0, -1, jnp.where(last % 2 == 1, ran, -2))
     src_in = _shift(src_after, jnp.full_like(src_after[0], -1), reverse)  # entering t: carried after t-1
     if resets is not None:
-        src_in = jnp.where(resets, -1, src_in)
+        src_in = jnp.where(resets, -2, src_in)
     gathered = jnp.take_along_axis(hs, jnp.maximum(src_in, 0)[..., None], axis=0)
-    return jnp.where((src_in >= 0)[..., None], gathered, h0[None])
+    start = h0[None] if resets is None else jnp.where((src_in == -2)[..., None], hr[None], h0[None])
+    return jnp.where((src_in >= 0)[..., None], gathered, start)
 
 
 def _contract(a, b_, like, acc):

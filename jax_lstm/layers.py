@@ -154,12 +154,13 @@ def stack_sizes(params) -> tuple[int, list[tuple[int, int, int]]]:
     return sizes[0][0], sizes
 
 
-def _check_states0(states0, sizes, B) -> None:
+def _check_states0(states0, sizes, B, name: str = "states0") -> None:
+    """``states0`` (or ``reset_states``, named ``name``): None or a ``StackState`` matching the stack."""
     if states0 is None:
         return
     if not isinstance(states0, (tuple, list)) or isinstance(states0, LSTMState) or len(states0) != len(sizes):
         raise TypeError(
-            f"states0 must be None or a tuple with one entry per layer ({len(sizes)}), each None or a tuple of "
+            f"{name} must be None or a tuple with one entry per layer ({len(sizes)}), each None or a tuple of "
             f"one LSTMState per direction; got {type(states0).__name__}"
             + (f" of length {len(states0)}" if isinstance(states0, (tuple, list)) else "")
         )
@@ -169,11 +170,11 @@ def _check_states0(states0, sizes, B) -> None:
         bad = isinstance(layer_state, LSTMState) or not isinstance(layer_state, (tuple, list))
         if bad or len(layer_state) != n_dir:
             raise TypeError(
-                f"states0[{l}] must be None or a tuple of {n_dir} LSTMState (one per direction of layer {l}), "
+                f"{name}[{l}] must be None or a tuple of {n_dir} LSTMState (one per direction of layer {l}), "
                 f"got {type(layer_state).__name__}"
             )
         for k, s in enumerate(layer_state):
-            check_state(f"states0[{l}][{k}]", s, B, H, f"from xs and params[{l}][{k}].W", dims=f"(B, H_{l})")
+            check_state(f"{name}[{l}][{k}]", s, B, H, f"from xs and params[{l}][{k}].W", dims=f"(B, H_{l})")
 
 
 def _check_xs(xs, D0, seq_lengths, mask=None, resets=None, time_major=True):
@@ -206,12 +207,15 @@ def lstm_stack(
     seq_lengths: jax.Array | None = None,
     mask: jax.Array | None = None,
     resets: jax.Array | None = None,
+    reset_states=None,
     dropout: float = 0.0,
     recurrent_dropout: float = 0.0,
     key: jax.Array | None = None,
     unroll: int = 1,
     impl: str = "manual",
     time_major: bool = True,
+    gate_fn=jax.nn.sigmoid,
+    activation_fn=jnp.tanh,
 ) -> tuple[jax.Array, StackState]:
     """Run a stack of (optionally bidirectional) LSTM layers over a sequence.
 
@@ -231,8 +235,10 @@ def lstm_stack(
       mask: optional (T, B) bool ((B, T) batch-major), shared by every layer and
         direction: a False step is skipped (see ``lstm``).
       resets: optional (T, B) bool ((B, T) batch-major), shared by every layer
-        and direction: each resets to its own initial state just before
+        and direction: each resets to its own reset state just before
         visiting a step where it is True (see ``lstm``).
+      reset_states: what the resets restore, with the nesting of ``states0``
+        (None anywhere means zeros).
       dropout: probability of zeroing an element of a layer's output before it
         enters the next layer (inverted dropout: kept elements are scaled by
         1 / (1 - dropout)); never applied to the last layer's output. A Python
@@ -249,6 +255,7 @@ def lstm_stack(
         autodiff through ``lax.scan``).
       time_major: False for batch-major ``xs``, ``hs``, ``mask`` and ``resets``.
         The stack transposes once on the way in and once on the way out.
+      gate_fn, activation_fn: element-wise activations of every layer (see ``lstm``).
 
     Returns:
       ``(hs, final_states)``: hs: (T, B, H_L) from the last layer, or
@@ -267,6 +274,7 @@ def lstm_stack(
     D0, sizes = stack_sizes(params)
     B = _check_xs(xs, D0, seq_lengths, mask, resets, time_major)
     _check_states0(states0, sizes, B)
+    _check_states0(reset_states, sizes, B, "reset_states")
     rec_rate = check_rate("recurrent_dropout", recurrent_dropout, key)
     dropout = check_rate("dropout", dropout, key)
     use_dropout = dropout > 0.0 and len(params) > 1
@@ -275,7 +283,8 @@ def lstm_stack(
 
     finals = []
     for l, layer in enumerate(params):
-        layer_state0 = states0[l] if states0 is not None and states0[l] is not None else (None,) * len(layer)
+        layer_state0 = _layer_states(states0, l, len(layer))
+        layer_reset = _layer_states(reset_states, l, len(layer))
         outs, states = [], []
         for k, p in enumerate(layer):
             hs, final = _run(
@@ -287,10 +296,13 @@ def lstm_stack(
                 seq_lengths=seq_lengths,
                 mask=mask,
                 resets=resets,
+                reset_state=layer_reset[k],
                 recurrent_dropout=rec_rate,
                 key=jax.random.fold_in(jax.random.fold_in(key, l), k) if rec_rate > 0.0 else None,
                 reverse=k == 1,
                 unroll=unroll,
+                gate_fn=gate_fn,
+                activation_fn=activation_fn,
             )
             outs.append(hs)
             states.append(final)
@@ -302,6 +314,11 @@ def lstm_stack(
     return (x if time_major else jnp.swapaxes(x, 0, 1)), tuple(finals)
 
 
+def _layer_states(states, l, n_dir):
+    """Layer ``l``'s entry of a ``StackState``-shaped argument, one entry (or None) per direction."""
+    return states[l] if states is not None and states[l] is not None else (None,) * n_dir
+
+
 def _time_major(xs, mask, resets, time_major):
     """xs, mask and resets in time-major layout (one transpose each for batch-major input)."""
     if time_major:
@@ -311,7 +328,17 @@ def _time_major(xs, mask, resets, time_major):
 
 
 def gate_trace_stack(
-    params, xs: jax.Array, states0=None, *, seq_lengths=None, mask=None, resets=None, time_major: bool = True
+    params,
+    xs: jax.Array,
+    states0=None,
+    *,
+    seq_lengths=None,
+    mask=None,
+    resets=None,
+    reset_states=None,
+    time_major: bool = True,
+    gate_fn=jax.nn.sigmoid,
+    activation_fn=jnp.tanh,
 ) -> tuple[tuple[LSTMTrace, ...], ...]:
     """Gate inspection for a whole stack, without dropout (evaluation mode).
 
@@ -325,7 +352,9 @@ def gate_trace_stack(
       states0: ``StackState`` or None, as in ``lstm_stack``.
       seq_lengths: optional (B,) integer lengths.
       mask, resets: optional (T, B) bool, as in ``lstm_stack``.
+      reset_states: what the resets restore, as in ``lstm_stack``.
       time_major: False for batch-major ``xs``, ``mask``, ``resets`` and traces.
+      gate_fn, activation_fn: element-wise activations, as in ``lstm_stack``.
 
     Returns:
       Per layer a tuple with one ``LSTMTrace`` per direction; each of its
@@ -336,10 +365,12 @@ def gate_trace_stack(
     D0, sizes = stack_sizes(params)
     B = _check_xs(xs, D0, seq_lengths, mask, resets, time_major)
     _check_states0(states0, sizes, B)
+    _check_states0(reset_states, sizes, B, "reset_states")
     x, mask, resets = _time_major(xs, mask, resets, time_major)
     traces = []
     for l, layer in enumerate(params):
-        layer_state0 = states0[l] if states0 is not None and states0[l] is not None else (None,) * len(layer)
+        layer_state0 = _layer_states(states0, l, len(layer))
+        layer_reset = _layer_states(reset_states, l, len(layer))
         layer_traces = tuple(
             _run(
                 lstm_trace,
@@ -350,7 +381,10 @@ def gate_trace_stack(
                 seq_lengths=seq_lengths,
                 mask=mask,
                 resets=resets,
+                reset_state=layer_reset[k],
                 reverse=k == 1,
+                gate_fn=gate_fn,
+                activation_fn=activation_fn,
             )
             for k, p in enumerate(layer)
         )

@@ -27,11 +27,14 @@ def lstm_ref(
     seq_lengths=None,
     mask=None,
     resets=None,
+    reset_state=None,
     recurrent_dropout=0.0,
     key=None,
     reverse=False,
     unroll=1,
     time_major=True,
+    gate_fn=jax.nn.sigmoid,
+    activation_fn=jnp.tanh,
 ):
     """Run an LSTM layer over a sequence with ``lax.scan``; gradients by autodiff.
 
@@ -44,13 +47,16 @@ def lstm_ref(
         raise ``ValueError``; under ``jit`` they act as clamped to [0, T].
       mask: optional (T, B) bool ((B, T) batch-major); a False step is skipped.
       resets: optional (T, B) bool ((B, T) batch-major); where True the state is
-        set to ``state0`` just before step t is visited.
+        set to ``reset_state`` just before step t is visited.
+      reset_state: ``LSTMState`` with h, c: (B, H) that a reset restores; None means zeros.
       recurrent_dropout: rate of variational dropout on h_{t-1} (one (B, H)
         mask per sequence, drawn from ``key``).
       key: PRNG key, required when ``recurrent_dropout > 0``.
       reverse: visit steps from T-1 down to 0.
       unroll: passed to ``lax.scan``.
       time_major: False for batch-major xs, hs, mask and resets.
+      gate_fn: element-wise activation of the f, i, o gates (static).
+      activation_fn: element-wise activation of g and of c_t in h_t (static).
 
     Returns:
       ``(hs, final_state)`` with hs: (T, B, H) ((B, T, H) batch-major) and
@@ -63,15 +69,18 @@ def lstm_ref(
         seq_lengths=seq_lengths,
         mask=mask,
         resets=resets,
+        reset_state=reset_state,
         recurrent_dropout=recurrent_dropout,
         key=key,
         unroll=unroll,
         time_major=time_major,
+        gate_fn=gate_fn,
+        activation_fn=activation_fn,
     )
     mask, resets = _step_flags(a)
 
     def step(state, inp):
-        state, (*_, h_t) = _step(a, state, *inp)
+        state, (*_, h_t) = _step(a, gate_fn, activation_fn, state, *inp)
         return state, h_t
 
     final, hs = jax.lax.scan(step, a.state0, (a.xs, mask, resets), reverse=reverse, unroll=unroll)
@@ -85,13 +94,7 @@ def _step_flags(a: Prepared) -> tuple[jax.Array, jax.Array]:
     return (ones if a.mask is None else a.mask), (~ones if a.resets is None else a.resets)
 
 
-def _reset(state: LSTMState, state0: LSTMState, r_t: jax.Array) -> LSTMState:
-    """The state entering a step: ``state0`` in the rows that reset there, else ``state``."""
-    r = r_t[:, None]
-    return LSTMState(jnp.where(r, state0.h, state.h), jnp.where(r, state0.c, state.c))
-
-
-def _step(a: Prepared, state: LSTMState, x_t, m_t, r_t):
+def _step(a: Prepared, gate_fn, activation_fn, state: LSTMState, x_t, m_t, r_t):
     """One visited step: the new state and (f, i, g, o, c_t, h_t), all zero where the step is skipped.
 
     A skipped step's input is replaced by zero before the cell sees it, so a
@@ -99,11 +102,14 @@ def _step(a: Prepared, state: LSTMState, x_t, m_t, r_t):
     output nor any gradient (``where`` alone would pass 0 * NaN = NaN back).
     """
     m = m_t[:, None]
-    state = _reset(state, a.state0, r_t)
+    if a.reset_state is not None:  # the state entering the step: reset_state in the rows that reset
+        r = r_t[:, None]
+        state = LSTMState(jnp.where(r, a.reset_state.h, state.h), jnp.where(r, a.reset_state.c, state.c))
     h_in = state.h if a.keep is None else state.h * a.keep
-    x_t = jnp.where(m, x_t, jnp.zeros_like(x_t))
-    act = gate_activations(preactivations(a.params, h_in, x_t, state.h.dtype))
-    c, _, h = cell_update(state.c, act)
+    if a.mask is not None:
+        x_t = jnp.where(m, x_t, jnp.zeros_like(x_t))
+    act = gate_activations(preactivations(a.params, h_in, x_t, state.h.dtype), gate_fn, activation_fn)
+    c, _, h = cell_update(state.c, act, activation_fn)
     new = LSTMState(jnp.where(m, h, state.h), jnp.where(m, c, state.c))
     zero = lambda v: jnp.where(m, v, jnp.zeros_like(v))  # noqa: E731
     return new, tuple(zero(v) for v in (*split_gates(act), c, h))
@@ -131,10 +137,13 @@ def lstm_trace(
     seq_lengths=None,
     mask=None,
     resets=None,
+    reset_state=None,
     recurrent_dropout=0.0,
     key=None,
     reverse=False,
     time_major=True,
+    gate_fn=jax.nn.sigmoid,
+    activation_fn=jnp.tanh,
 ) -> LSTMTrace:
     """Gate inspection: f, i, g, o, c and h at every step, each (T, B, H) ((B, T, H) batch-major).
 
@@ -148,14 +157,17 @@ def lstm_trace(
         seq_lengths=seq_lengths,
         mask=mask,
         resets=resets,
+        reset_state=reset_state,
         recurrent_dropout=recurrent_dropout,
         key=key,
         time_major=time_major,
+        gate_fn=gate_fn,
+        activation_fn=activation_fn,
     )
     mask, resets = _step_flags(a)
 
     def step(state, inp):
-        return _step(a, state, *inp)
+        return _step(a, gate_fn, activation_fn, state, *inp)
 
     _, out = jax.lax.scan(step, a.state0, (a.xs, mask, resets), reverse=reverse)
     return LSTMTrace(*(v if time_major else jnp.swapaxes(v, 0, 1) for v in out))

@@ -47,9 +47,13 @@ def lstm_np(
     seq_lengths=None,
     mask=None,
     resets=None,
+    hr=None,
+    cr=None,
     keep_scale=None,
     reverse: bool = False,
     time_major: bool = True,
+    gate_fn=None,
+    activation_fn=None,
 ):
     """Run one LSTM layer over a sequence, in float64, with a Python loop over rows and steps.
 
@@ -58,15 +62,18 @@ def lstm_np(
       U: (D, 4H) input weights.
       b: (4H,) bias.
       xs: (T, B, D) inputs, or (B, T, D) with ``time_major=False``.
-      h0, c0: (B, H) initial state; None means zeros. A reset restores these.
+      h0, c0: (B, H) initial state; None means zeros.
       seq_lengths: optional (B,) lengths; step t of row b runs only if t < seq_lengths[b] (Python ints).
       mask: optional (T, B) bool ((B, T) with ``time_major=False``); False skips the step.
-      resets: optional (T, B) bool ((B, T) with ``time_major=False``); True sets the state to (h0, c0)
+      resets: optional (T, B) bool ((B, T) with ``time_major=False``); True sets the state to (hr, cr)
         just before step t is visited, whether or not the step runs.
+      hr, cr: (B, H) the state a reset restores; None means zeros.
       keep_scale: optional (B, H) multiplier of h_{t-1} in the ``h @ W`` term only (recurrent dropout);
         the carried state itself is not scaled.
       reverse: visit the steps T-1 down to 0.
       time_major: layout of xs, mask, resets and the returned hs.
+      gate_fn, activation_fn: NumPy element-wise functions for the gates (default the logistic
+        sigmoid) and for g and c_t (default tanh).
 
     Returns:
       (hs, h, c): hs (T, B, H) (or (B, T, H)), zero at skipped steps; h, c (B, H) the state after
@@ -82,6 +89,10 @@ def lstm_np(
     H = W.shape[0]
     h0 = np.zeros((B, H)) if h0 is None else np.asarray(h0, dtype=np.float64)
     c0 = np.zeros((B, H)) if c0 is None else np.asarray(c0, dtype=np.float64)
+    hr = np.zeros((B, H)) if hr is None else np.asarray(hr, dtype=np.float64)
+    cr = np.zeros((B, H)) if cr is None else np.asarray(cr, dtype=np.float64)
+    sig = _sigmoid if gate_fn is None else gate_fn
+    act = np.tanh if activation_fn is None else activation_fn
     scale = np.ones((B, H)) if keep_scale is None else np.asarray(keep_scale, dtype=np.float64)
     lengths = None if seq_lengths is None else [int(v) for v in np.asarray(seq_lengths).tolist()]
     mask = None if mask is None else np.asarray(mask, dtype=bool)
@@ -94,7 +105,7 @@ def lstm_np(
         h, c = h0[r].copy(), c0[r].copy()
         for t in order:
             if resets is not None and resets[t, r]:
-                h, c = h0[r].copy(), c0[r].copy()
+                h, c = hr[r].copy(), cr[r].copy()
             runs = True
             if mask is not None and not mask[t, r]:
                 runs = False
@@ -103,12 +114,12 @@ def lstm_np(
             if not runs:
                 continue
             z = (h * scale[r]) @ W + xs[t, r] @ U + b
-            f = _sigmoid(z[0:H])
-            i = _sigmoid(z[H : 2 * H])
-            g = np.tanh(z[2 * H : 3 * H])
-            o = _sigmoid(z[3 * H : 4 * H])
+            f = sig(z[0:H])
+            i = sig(z[H : 2 * H])
+            g = act(z[2 * H : 3 * H])
+            o = sig(z[3 * H : 4 * H])
             c = c * f + i * g
-            h = np.tanh(c) * o
+            h = act(c) * o
             hs[t, r] = h
         h_out[r], c_out[r] = h, c
     if not time_major:

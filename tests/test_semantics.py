@@ -372,7 +372,7 @@ def test_gradients_match_finite_differences_of_the_oracle(cfg):
     fd = oracle_fd(cfg, pb, cts)
     for name, a in flat_grads(g).items():
         assert rel_err(a, fd[name]) <= FD_TOL, (name, rel_err(a, fd[name]))
-    # the start and every reset feed state0's gradient: a row with resets gets more than its start alone
+    # the start feeds state0's gradient (resets restore zeros, not state0)
     assert np.max(np.abs(fd["h0"])) > 1e-3 and np.max(np.abs(fd["c0"])) > 1e-3
 
 
@@ -463,8 +463,8 @@ def test_no_gradient_crosses_a_reset(cfg):
                 assert np.all(gx[earlier, 1] == 0), (name, gx[earlier, 1])
 
 
-def test_state0_gradient_sums_over_start_and_every_reset():
-    """Row 0 restarts from state0 at steps 2 and 4: its state0 gradient == finite differences of the oracle."""
+def test_state0_gradient_comes_from_the_start_alone():
+    """Row 0 restarts from zeros at steps 2 and 4: its state0 gradient == finite differences of the oracle."""
     resets = np.zeros((T, B), bool)
     resets[2, 0] = resets[4, 0] = True
     resets[1, 3] = True
@@ -476,13 +476,13 @@ def test_state0_gradient_sums_over_start_and_every_reset():
     for name in ("h0", "c0"):
         assert rel_err(flat_grads(g)[name], fd[name]) <= FD_TOL, name
         assert rel_err(flat_grads(g_r)[name], fd[name]) <= FD_TOL, name
-    # a reset makes row 0's state0 gradient differ from the one without resets (so more than the start counts)
+    # a reset cuts row 0's state0 gradient short: it differs from the one without resets
     (_, g_plain), _ = vjp_both(cfg)(*args(cfg, neutral(problem(51))), cts)
     assert np.max(np.abs(np.asarray(flat_grads(g)["h0"][0]) - np.asarray(flat_grads(g_plain)["h0"][0]))) > 1e-4
 
 
 def test_reset_at_a_masked_step_still_resets():
-    """Row 0: step 2 masked and reset, so steps 3.. run from state0; row 1: reset on its masked last step."""
+    """Row 0: step 2 masked and reset, so steps 3.. run from zeros; row 1: reset on its masked last step."""
     cfg = ALL_ON
     mask = np.ones((T, B), bool)
     resets = np.zeros((T, B), bool)
@@ -490,9 +490,7 @@ def test_reset_at_a_masked_step_still_resets():
     mask[T - 1, 1], resets[T - 1, 1] = False, True
     pb = neutral(problem(61), mask=mask, resets=resets)
     zeros = zero_cts(cfg, pb)
-    fresh, _, _ = lstm_np(
-        *pb.params, pb.xs[3:, :1], pb.h0[:1], pb.c0[:1], keep_scale=dropout_scale(pb.keep[:1], P_DROP)
-    )
+    fresh, _, _ = lstm_np(*pb.params, pb.xs[3:, :1], keep_scale=dropout_scale(pb.keep[:1], P_DROP))
     carried = neutral(pb, mask=mask)  # the same mask, no resets
     runs = vjp_both(cfg)(*args(cfg, pb), zeros), vjp_both(cfg)(*args(cfg, carried), zeros)
     for (out, _), (out_c, _) in zip(*runs, strict=True):
@@ -500,8 +498,8 @@ def test_reset_at_a_masked_step_still_resets():
         np.testing.assert_allclose(hs[3:, :1], fresh, rtol=VALUE_TOL, atol=VALUE_TOL)
         assert np.all(np.asarray(hs[2, 0]) == 0)
         assert np.max(np.abs(np.asarray(out_c[0][3:, 0]) - np.asarray(hs[3:, 0]))) > 1e-4
-        np.testing.assert_array_equal(h[1], pb.h0[1])  # the final state of row 1 is state0
-        np.testing.assert_array_equal(c[1], pb.c0[1])
+        np.testing.assert_array_equal(h[1], 0 * pb.h0[1])  # the final state of row 1 is the reset state, zeros
+        np.testing.assert_array_equal(c[1], 0 * pb.c0[1])
 
 
 def test_resets_without_state0_restore_zeros():
