@@ -25,7 +25,6 @@ which brings gymnax for the environments).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -63,21 +62,6 @@ def _zeros_where(reset: jax.Array, carry):
     return jax.tree.map(lambda s: jnp.where(reset[:, None], jnp.zeros_like(s), s), carry)
 
 
-def _lstm_resetting_to_zeros(params, xs, state0, resets):
-    """``lstm(params, xs, state0, resets=resets, reset_state=None)``: start at state0, zeros at every reset."""
-    if "reset_state" in inspect.signature(lstm).parameters:
-        return lstm(params, xs, state0, resets=resets, reset_state=None)
-
-    # TEMPORARY, until lstm takes reset_state (its resets restore state0 until then): the same values
-    # and gradients from a scan of the cell, autodiff through it.
-    def step(state, inputs):
-        x_t, r_t = inputs
-        return lstm_cell(params, _zeros_where(r_t, state), x_t)
-
-    state, hs = jax.lax.scan(step, state0, (xs, resets))
-    return hs, state
-
-
 class LSTMCore(nn.Module):
     """jax_lstm's core: one fused ``lstm`` call over a rollout, ``lstm_cell`` for a step.
 
@@ -93,7 +77,7 @@ class LSTMCore(nn.Module):
 
     def __call__(self, carry: LSTMState, xs: jax.Array, resets: jax.Array):
         """xs: (T, B, D), resets: (T, B) bool -> (carry, hs (T, B, H)); zeros where resets[t], before step t."""
-        hs, carry = _lstm_resetting_to_zeros(self.lstm, xs, carry, resets)
+        hs, carry = lstm(self.lstm, xs, carry, resets=resets, reset_state=None)
         return carry, hs
 
     def step(self, carry: LSTMState, x: jax.Array, reset: jax.Array):
