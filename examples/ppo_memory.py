@@ -56,6 +56,7 @@ def main(argv=None) -> float:
     )
     ap.add_argument("--hidden", type=int, default=defaults.hidden, help=f"H (default {defaults.hidden})")
     ap.add_argument("--lr", type=float, default=defaults.lr, help=f"Adam learning rate (default {defaults.lr})")
+    ap.add_argument("--unroll", type=int, default=defaults.unroll, help="unroll of the training pass (speed only)")
     ap.add_argument("--memory-length", type=int, default=MEMORY_LENGTH, help="MemoryChain's memory_length")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -69,6 +70,7 @@ def main(argv=None) -> float:
         num_minibatches=min(defaults.num_minibatches, args.envs),
         hidden=args.hidden,
         lr=args.lr,
+        unroll=args.unroll,
     )
     ppo = make_ppo(env, env_params, config)
     key = jax.random.PRNGKey(args.seed)

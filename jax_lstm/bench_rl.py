@@ -1,7 +1,9 @@
 """``jax-lstm bench --rl``: recurrent PPO with jax_lstm's LSTM against Flax's, and the LSTM training pass alone.
 
 Two tables, each from one interleaved run (every repetition times every variant once, in a shuffled
-order, after untimed warm-up calls; medians):
+order, after untimed warm-up calls; medians). Each core's training pass runs at every ``--unroll`` asked
+for (default 1 and 4); a table reports each core at its best (the smallest unroll within 3% of the
+fastest) and, beside it, the ratio with both at the first unroll (PureJaxRL's default, 1):
 
 * **the PPO update** of ``jax_lstm.rl`` on gymnax's MemoryChain (memory length 16): a rollout of
   T = 128 steps of every environment, GAE, then 4 epochs of 4 minibatch updates (whole environments per
@@ -54,6 +56,8 @@ TARGETS = {
     "pass_geomean": 0.5,  # ours / flax training pass time, geo-mean over the batch sizes, at most
 }
 CORES = ("ours", "flax")
+UNROLLS = (1, 4)
+UNROLL_TOLERANCE = 0.03  # unrolls within 3% of the fastest count as equally fast; the smallest wins
 
 
 def interleave(variants: dict[str, Callable[[], object]], *, reps: int, warmup: int = 2, seed: int = 0) -> dict:
@@ -81,17 +85,22 @@ def _env():
     return env, params.replace(memory_length=MEMORY_LENGTH)
 
 
-def ppo_variants(num_envs: int, *, num_steps: int = T, hidden: int = H, seed: int = 0) -> dict:
+def ppo_variants(num_envs: int, unroll: int = 1, *, num_steps: int = T, hidden: int = H, seed: int = 0) -> dict:
     """``{"update:ours": fn, "update:flax": fn, "rollout:ours": fn, "rollout:flax": fn}`` at ``num_envs``.
 
-    Each fn runs one jit-compiled PPO update (or rollout) from the same runner, after one update to leave
-    the initial state behind, and blocks.
+    Each fn runs one jit-compiled PPO update (or rollout; acting does not depend on ``unroll``) from the
+    same runner, after one update to leave the initial state behind, and blocks.
     """
     env, env_params = _env()
     out = {}
     for core in CORES:
         config = rl.PPOConfig(
-            core=core, num_envs=num_envs, num_steps=num_steps, hidden=hidden, num_minibatches=min(4, num_envs)
+            core=core,
+            num_envs=num_envs,
+            num_steps=num_steps,
+            hidden=hidden,
+            num_minibatches=min(4, num_envs),
+            unroll=unroll,
         )
         ppo = rl.make_ppo(env, env_params, config)
         update, rollout = jax.jit(ppo.update), jax.jit(ppo.rollout)
@@ -109,12 +118,12 @@ def _pass_problem(batch: int, num_steps: int, hidden: int, seed: int):
     return f32(num_steps, batch, hidden), resets, f32(batch, hidden), f32(batch, hidden), f32(num_steps, batch, hidden)
 
 
-def pass_variants(batch: int, *, num_steps: int = T, hidden: int = H, seed: int = 0) -> dict:
+def pass_variants(batch: int, unroll: int = 1, *, num_steps: int = T, hidden: int = H, seed: int = 0) -> dict:
     """``{"pass:ours": fn, "pass:flax": fn}``: forward + backward of each core over (num_steps, batch, hidden)."""
     xs, resets, h, c, w = _pass_problem(batch, num_steps, hidden, seed)
     out = {}
     for core in CORES:
-        module = rl.LSTMCore(hidden, hidden) if core == "ours" else rl.FlaxLSTMCore(hidden)
+        module = rl.LSTMCore(hidden, hidden, unroll) if core == "ours" else rl.FlaxLSTMCore(hidden, unroll)
         carry = rl.LSTMState(h, c) if core == "ours" else (c, h)
         variables = module.init(jax.random.PRNGKey(seed), carry, xs, resets)
 
@@ -132,32 +141,72 @@ def _geomean(xs: Sequence[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
-def bench_ppo(envs: Sequence[int], *, reps: int, warmup: int, num_steps: int = T, hidden: int = H) -> dict:
-    """One interleaved run over every env count and core; rows with the medians and ours / flax."""
+def best_unroll(ms_by_unroll: dict[int, float], tol: float = UNROLL_TOLERANCE) -> int:
+    """The smallest unroll within ``tol`` (relative) of the fastest."""
+    fastest = min(ms_by_unroll.values())
+    return min(u for u, ms in ms_by_unroll.items() if ms <= fastest * (1 + tol))
+
+
+def _summary(rows: list[dict], unrolls: Sequence[int]) -> dict:
+    return dict(
+        rows=rows,
+        unrolls=list(unrolls),
+        geomean=_geomean([r["ratio"] for r in rows]),
+        geomean_same_unroll=_geomean([r["ratio_same_unroll"] for r in rows]),
+    )
+
+
+def _compare(ms: dict, key: Callable[[str, int], str], unrolls: Sequence[int]) -> dict:
+    """Each core at its best unroll, and both at the first unroll (the default), from medians ``ms``."""
+    row = {}
+    for core in CORES:
+        u = best_unroll({u: ms[key(core, u)] for u in unrolls})
+        row.update(
+            {f"{core}_ms": ms[key(core, u)], f"{core}_unroll": u, f"{core}_ms_u{unrolls[0]}": ms[key(core, unrolls[0])]}
+        )
+    row["ratio"] = row["ours_ms"] / row["flax_ms"]
+    row["ratio_same_unroll"] = row[f"ours_ms_u{unrolls[0]}"] / row[f"flax_ms_u{unrolls[0]}"]
+    return row
+
+
+def bench_ppo(
+    envs: Sequence[int], *, reps: int, warmup: int, unrolls: Sequence[int] = (1,), num_steps: int = T, hidden: int = H
+) -> dict:
+    """One interleaved run over every env count, core and unroll; rows with the medians and ours / Flax."""
     variants = {}
     for n in envs:
-        variants.update({f"{n}:{k}": fn for k, fn in ppo_variants(n, num_steps=num_steps, hidden=hidden).items()})
+        for u in unrolls:
+            for k, fn in ppo_variants(n, u, num_steps=num_steps, hidden=hidden).items():
+                if k.startswith("update") or u == unrolls[0]:
+                    variants[f"{n}:{k}:u{u}"] = fn
         print(f"compiled the PPO update at {n} envs", file=sys.stderr)
     ms = interleave(variants, reps=reps, warmup=warmup)
     rows = []
     for n in envs:
-        row = {f"{part}_{core}_ms": ms[f"{n}:{part}:{core}"] for part in ("update", "rollout") for core in CORES}
-        row.update(envs=n, ratio=row["update_ours_ms"] / row["update_flax_ms"])
+        row = dict(envs=n, **_compare(ms, lambda core, u, n=n: f"{n}:update:{core}:u{u}", unrolls))
+        row.update({f"rollout_{core}_ms": ms[f"{n}:rollout:{core}:u{unrolls[0]}"] for core in CORES})
         rows.append(row)
-    return dict(rows=rows, geomean=_geomean([r["ratio"] for r in rows]))
+    return _summary(rows, unrolls)
 
 
-def bench_pass(batches: Sequence[int], *, reps: int, warmup: int, num_steps: int = T, hidden: int = H) -> dict:
-    """One interleaved run of the training pass over every batch size and core."""
+def bench_pass(
+    batches: Sequence[int],
+    *,
+    reps: int,
+    warmup: int,
+    unrolls: Sequence[int] = (1,),
+    num_steps: int = T,
+    hidden: int = H,
+) -> dict:
+    """One interleaved run of the training pass over every batch size, core and unroll."""
     variants = {}
     for b in batches:
-        variants.update({f"{b}:{k}": fn for k, fn in pass_variants(b, num_steps=num_steps, hidden=hidden).items()})
+        for u in unrolls:
+            for k, fn in pass_variants(b, u, num_steps=num_steps, hidden=hidden).items():
+                variants[f"{b}:{k}:u{u}"] = fn
     ms = interleave(variants, reps=reps, warmup=warmup)
-    rows = []
-    for b in batches:
-        ours, flax = ms[f"{b}:pass:ours"], ms[f"{b}:pass:flax"]
-        rows.append(dict(batch=b, ours_ms=ours, flax_ms=flax, ratio=ours / flax))
-    return dict(rows=rows, geomean=_geomean([r["ratio"] for r in rows]))
+    rows = [dict(batch=b, **_compare(ms, lambda core, u, b=b: f"{b}:pass:{core}:u{u}", unrolls)) for b in batches]
+    return _summary(rows, unrolls)
 
 
 def render(report: dict) -> str:
@@ -165,41 +214,47 @@ def render(report: dict) -> str:
     t = report["targets"]
     ok = lambda met: "met" if met else "MISSED"  # noqa: E731
     lines = []
-    ppo = report.get("ppo")
+    ppo, lp = report.get("ppo"), report.get("pass")
     if ppo:
+        u0 = ppo["unrolls"][0]
         lines += [
             f"PPO update (rollout T = {report['num_steps']} + 4 epochs x 4 minibatches, H = {report['hidden']}), "
-            "median ms:",
+            f"median ms, each core at its best unroll of {ppo['unrolls']}:",
             "",
-            "| envs | Flax update | ours update | ours / Flax | Flax rollout | ours rollout |",
-            "|---|---|---|---|---|---|",
+            f"| envs | Flax (unroll) | ours (unroll) | ours / Flax | ours / Flax, both unroll {u0} "
+            "| Flax rollout | ours rollout |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in ppo["rows"]:
             lines.append(
-                f"| {r['envs']} | {r['update_flax_ms']:.1f} | {r['update_ours_ms']:.1f} | **{r['ratio']:.2f}** | "
-                f"{r['rollout_flax_ms']:.1f} | {r['rollout_ours_ms']:.1f} |"
+                f"| {r['envs']} | {r['flax_ms']:.1f} ({r['flax_unroll']}) | {r['ours_ms']:.1f} ({r['ours_unroll']}) | "
+                f"**{r['ratio']:.2f}** | {r['ratio_same_unroll']:.2f} | {r['rollout_flax_ms']:.1f} | "
+                f"{r['rollout_ours_ms']:.1f} |"
             )
         worst = max(r["ratio"] for r in ppo["rows"])
         lines += [
-            f"| geometric mean | | | **{ppo['geomean']:.2f}** | | |",
+            f"| geometric mean | | | **{ppo['geomean']:.2f}** | {ppo['geomean_same_unroll']:.2f} | | |",
             "",
             f"target: geomean <= {t['ppo_geomean']} ({ok(ppo['geomean'] <= t['ppo_geomean'])}), "
             f"each <= {t['ppo_each']} ({ok(worst <= t['ppo_each'])})",
             "",
         ]
-    lp = report.get("pass")
     if lp:
+        u0 = lp["unrolls"][0]
         lines += [
             f"LSTM training pass alone (forward + backward, T = {report['num_steps']}, D = H = {report['hidden']}, "
-            "resets to zeros), median ms:",
+            f"resets to zeros), median ms, each core at its best unroll of {lp['unrolls']}:",
             "",
-            "| B | Flax | ours | ours / Flax |",
-            "|---|---|---|---|",
+            f"| B | Flax (unroll) | ours (unroll) | ours / Flax | ours / Flax, both unroll {u0} |",
+            "|---|---|---|---|---|",
         ]
         for r in lp["rows"]:
-            lines.append(f"| {r['batch']} | {r['flax_ms']:.2f} | {r['ours_ms']:.2f} | **{r['ratio']:.2f}** |")
+            lines.append(
+                f"| {r['batch']} | {r['flax_ms']:.2f} ({r['flax_unroll']}) | {r['ours_ms']:.2f} ({r['ours_unroll']}) | "
+                f"**{r['ratio']:.2f}** | {r['ratio_same_unroll']:.2f} |"
+            )
         lines += [
-            f"| geometric mean | | | **{lp['geomean']:.2f}** |",
+            f"| geometric mean | | | **{lp['geomean']:.2f}** | {lp['geomean_same_unroll']:.2f} |",
             "",
             f"target: geomean <= {t['pass_geomean']} ({ok(lp['geomean'] <= t['pass_geomean'])})",
         ]
@@ -223,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=_ints, default=list(BATCHES), help="B of the training pass (default 4,16,64)")
     ap.add_argument("--num-steps", type=int, default=T, help=f"rollout length T (default {T})")
     ap.add_argument("--hidden", type=int, default=H, help=f"H (default {H})")
+    ap.add_argument(
+        "--unroll", type=_ints, default=list(UNROLLS), help="unrolls of the training pass to try (default 1,4)"
+    )
     ap.add_argument("--reps", type=int, default=10, help="timed rounds of the PPO updates (default 10)")
     ap.add_argument("--pass-reps", type=int, default=30, help="timed rounds of the training passes (default 30)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (default 2)")
@@ -233,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.envs, args.batch, args.num_steps, args.hidden = [4], [4], 16, 16
-        args.reps, args.pass_reps, args.warmup = 2, 2, 1
+        args.reps, args.pass_reps, args.warmup, args.unroll = 2, 2, 1, [1, 2]
     t0 = time.perf_counter()
     report = dict(
         command="jax-lstm bench --rl " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -244,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         hidden=args.hidden,
         targets=TARGETS,
     )
-    kw = dict(warmup=args.warmup, num_steps=args.num_steps, hidden=args.hidden)
+    kw = dict(warmup=args.warmup, unrolls=args.unroll, num_steps=args.num_steps, hidden=args.hidden)
     if not args.no_ppo:
         report["ppo"] = bench_ppo(args.envs, reps=args.reps, **kw)
     if not args.no_pass:

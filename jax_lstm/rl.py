@@ -71,13 +71,14 @@ class LSTMCore(nn.Module):
 
     features: int  # H
     in_features: int  # D
+    unroll: int = 1  # of the training pass's loops; speed only
 
     def setup(self):
         self.lstm = self.param("lstm", lambda key: init_params(key, self.in_features, self.features))
 
     def __call__(self, carry: LSTMState, xs: jax.Array, resets: jax.Array):
         """xs: (T, B, D), resets: (T, B) bool -> (carry, hs (T, B, H)); zeros where resets[t], before step t."""
-        hs, carry = lstm(self.lstm, xs, carry, resets=resets, reset_state=None)
+        hs, carry = lstm(self.lstm, xs, carry, resets=resets, reset_state=None, unroll=self.unroll)
         return carry, hs
 
     def step(self, carry: LSTMState, x: jax.Array, reset: jax.Array):
@@ -96,13 +97,14 @@ class FlaxLSTMCore(nn.Module):
     """
 
     features: int  # H
+    unroll: int = 1  # of nn.scan; speed only
 
     def setup(self):
         self.cell = nn.OptimizedLSTMCell(self.features)
 
     def __call__(self, carry, xs: jax.Array, resets: jax.Array):
         """xs: (T, B, D), resets: (T, B) bool -> (carry, hs (T, B, H)); zeros where resets[t], before step t."""
-        scan = nn.scan(_flax_step, variable_broadcast="params", split_rngs={"params": False})
+        scan = nn.scan(_flax_step, variable_broadcast="params", split_rngs={"params": False}, unroll=self.unroll)
         return scan(self, carry, xs, resets)
 
     def step(self, carry, x: jax.Array, reset: jax.Array):
@@ -130,6 +132,7 @@ class ActorCritic(nn.Module):
     num_actions: int
     hidden: int = 128
     core: str = "ours"
+    unroll: int = 1  # of the core's training pass
 
     def setup(self):
         def dense(n, scale):
@@ -138,7 +141,10 @@ class ActorCritic(nn.Module):
         if self.core not in CORES:
             raise ValueError(f"core must be one of {CORES}, got {self.core!r}")
         self.embed = dense(self.hidden, np.sqrt(2))
-        self.rnn = LSTMCore(self.hidden, self.hidden) if self.core == "ours" else FlaxLSTMCore(self.hidden)
+        if self.core == "ours":
+            self.rnn = LSTMCore(self.hidden, self.hidden, self.unroll)
+        else:
+            self.rnn = FlaxLSTMCore(self.hidden, self.unroll)
         self.actor = (dense(self.hidden, 2.0), dense(self.num_actions, 0.01))
         self.critic = (dense(self.hidden, 2.0), dense(1, 1.0))
 
@@ -169,6 +175,7 @@ class PPOConfig:
     update_epochs: int = 4
     num_minibatches: int = 4  # each takes num_envs // num_minibatches whole environments
     hidden: int = 128  # H of the embedding, the LSTM and the heads
+    unroll: int = 1  # unroll of the training pass's loops (either core); changes speed, never values
     lr: float = 1e-3
     anneal_lr: bool = True
     gamma: float = 0.99
@@ -239,7 +246,7 @@ def make_ppo(env, env_params, config: PPOConfig) -> PPO:
     """
     cfg = config
     n_envs, T, n_mb = cfg.num_envs, cfg.num_steps, cfg.num_minibatches
-    network = ActorCritic(env.num_actions, cfg.hidden, cfg.core)
+    network = ActorCritic(env.num_actions, cfg.hidden, cfg.core, cfg.unroll)
     obs_shape = env.observation_space(env_params).shape
 
     def schedule(count):

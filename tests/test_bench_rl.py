@@ -38,6 +38,15 @@ def test_jax_lstm_needs_neither_gymnax_nor_flax_and_bench_rl_names_the_extra():
     ]
 
 
+def test_best_unroll_is_the_smallest_within_the_tolerance():
+    pytest.importorskip("flax")
+    pytest.importorskip("gymnax")
+    from jax_lstm import bench_rl
+
+    assert bench_rl.best_unroll({1: 10.0, 2: 9.8, 4: 9.0}) == 4
+    assert bench_rl.best_unroll({1: 9.2, 2: 9.8, 4: 9.0}) == 1
+
+
 def test_interleave_times_every_variant_every_round():
     pytest.importorskip("flax")
     pytest.importorskip("gymnax")
@@ -59,16 +68,31 @@ def test_the_training_pass_rows_and_the_table(tmp_path):
     report = json.loads(path.read_text())
     (row,) = report["pass"]["rows"]
     assert row["batch"] == 4 and row["ratio"] == pytest.approx(row["ours_ms"] / row["flax_ms"])
+    assert row["ours_unroll"] in (1, 2) and row["ratio_same_unroll"] == pytest.approx(
+        row["ours_ms_u1"] / row["flax_ms_u1"]
+    )
     assert report["pass"]["geomean"] == pytest.approx(row["ratio"])
     assert report["command"].startswith("jax-lstm bench --rl")
     report["ppo"] = dict(
         rows=[
-            dict(envs=4, update_flax_ms=10.0, update_ours_ms=8.0, rollout_flax_ms=1.0, rollout_ours_ms=1.0, ratio=0.8)
+            dict(
+                envs=4,
+                flax_ms=10.0,
+                flax_unroll=1,
+                ours_ms=8.0,
+                ours_unroll=4,
+                ratio=0.8,
+                ratio_same_unroll=0.9,
+                rollout_flax_ms=1.0,
+                rollout_ours_ms=1.0,
+            )
         ],
+        unrolls=[1, 4],
         geomean=0.8,
+        geomean_same_unroll=0.9,
     )
     from jax_lstm import bench_rl
 
     table = bench_rl.render(report)
-    assert "| 4 | 10.0 | 8.0 | **0.80** | 1.0 | 1.0 |" in table
+    assert "| 4 | 10.0 (1) | 8.0 (4) | **0.80** | 0.90 | 1.0 | 1.0 |" in table
     assert "geomean <= 0.6 (MISSED), each <= 0.9 (met)" in table
