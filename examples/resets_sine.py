@@ -8,7 +8,9 @@ the step whose target belongs to the next series is not scored.
 Two models are trained on the same streams, from the same initial weights:
 
 * with resets: ``lstm_stack(..., resets=resets)``, True at the first step of every series, so the state
-  restarts from zero there, as if every series were its own sequence (no padding, no reshuffling);
+  restarts from zero there, as if every series were its own sequence (no padding, no reshuffling). A
+  reset restores ``reset_states`` (zeros when not given); ``states0``, a state carried in from an earlier
+  chunk of the stream, is only the start;
 * without: the state is carried across the boundaries, and the model has to notice the jump itself.
 
     python examples/resets_sine.py --steps 1500

@@ -19,4 +19,4 @@ __all__ = [
     "lstm_trace",
     "zeros_state",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

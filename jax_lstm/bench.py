@@ -862,10 +862,7 @@ def _rows_main(args, argv, run: Callable[..., dict], render: Callable[[dict], st
     )
     print(render(report))
     print(f"\n(total {report['wall_s']:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    return 0
+    return _write(args.json, lambda path: _dump(report, path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1059,6 +1056,8 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as e:
             raise SystemExit(f"jax-lstm bench: error: {e}") from e
         return bench_rl.main([a for a in rest if a != "--rl"])
+    from jax_lstm.cli import nonneg_float, nonneg_int, positive_float, positive_int
+
     ap = argparse.ArgumentParser(prog="jax-lstm bench", description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--shape",
@@ -1072,14 +1071,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unroll", type=_ints, default=None, help="unrolls to try for manual and autodiff (default 1,2,4)")
     ap.add_argument(
         "--unroll-tol",
-        type=float,
+        type=nonneg_float,
         default=UNROLL_TOLERANCE,
         help="best unroll: the smallest within this relative margin of the fastest (default 0.03)",
     )
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per shape (default: fit --seconds)")
-    ap.add_argument("--seconds", type=float, default=40.0, help="time budget per shape when --reps is not given")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed repetitions before timing")
-    ap.add_argument("--peak", type=float, default=None, help="matmul peak in GFLOP/s instead of measuring it")
+    ap.add_argument(
+        "--reps", type=positive_int, default=None, help="timed repetitions per shape (default: fit --seconds)"
+    )
+    ap.add_argument(
+        "--seconds", type=positive_float, default=40.0, help="time budget per shape when --reps is not given"
+    )
+    ap.add_argument("--warmup", type=nonneg_int, default=2, help="untimed repetitions before timing")
+    ap.add_argument("--peak", type=positive_float, default=None, help="matmul peak in GFLOP/s instead of measuring it")
     ap.add_argument("--no-flax", action="store_true", help="leave Flax out")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     ap.add_argument("--no-memory", action="store_true", help=f"skip the temp-memory comparison at {MEMORY_SHAPE}")
@@ -1162,11 +1165,23 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_s"] = time.perf_counter() - t_start
     print(render_table(report))
     print(f"\n(total {report['wall_s']:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.plot:
-        plot(report, args.plot)
+    return _write(args.json, lambda path: _dump(report, path)) or _write(args.plot, lambda path: plot(report, path))
+
+
+def _dump(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def _write(path: str | None, write: Callable[[str], Any]) -> int:
+    """``write(path)`` unless ``path`` is None: 0, or 1 after one line on stderr if the file cannot be written."""
+    if path is None:
+        return 0
+    try:
+        write(path)
+    except OSError as e:
+        print(f"jax-lstm bench: error: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,40 +5,46 @@
 imported when called. ``jax-lstm NAME --help`` shows a command's flags.
 
 Exit codes: 0 success, 1 failure (a NaN, an unreadable or unfitting
-checkpoint), 2 bad arguments (nothing written), 130 interrupted (after
-writing a checkpoint).
+checkpoint, a file that could not be written), 2 bad arguments or a run
+directory in use by another run (nothing written), 130 interrupted by
+Ctrl-C (SIGINT), 143 stopped by SIGTERM (both after writing a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from jax_lstm import checkpoint, parallel
-from jax_lstm.reporting import fmt, summary_table, table
-from jax_lstm.tasks import DEFAULT_TASK, TASKS, get_task
-from jax_lstm.train import (
+from jax_lstm.config import (
     DTYPES,
-    EXIT_FAIL,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    GRADS,
+    INT32_MAX,
+    INT64_MAX,
+    INT_RANGES,
     OPTIMIZERS,
     PROGRESS_MODES,
     SCHEDULES,
     TrainConfig,
-    checkpoint_path,
     enable_x64_if,
-    load_run,
-    train,
+    int_error,
 )
+from jax_lstm.reporting import fmt, show_value, summary_table, table
+from jax_lstm.runs import Interrupts, ResumeConflict, RunInUse, RunWriteError, checkpoint_path
+from jax_lstm.tasks import DEFAULT_TASK, GRADS, TASKS, get_task
+from jax_lstm.train import load_run, train
+
+# Exit codes of the commands.
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
+EXIT_INTERRUPTED = EXIT_SIGNAL[signal.SIGINT]
 
 # subcommand -> (module, function, one-line help)
 COMMANDS = {
@@ -67,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jax-lstm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"jax-lstm {name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _number(convert: Callable, ok: Callable, what: str) -> Callable[[str], Any]:
@@ -85,10 +95,33 @@ def _number(convert: Callable, ok: Callable, what: str) -> Callable[[str], Any]:
     return parse
 
 
-_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-_nonneg_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in [lo, hi] (``lo`` 0 or 1), refused with the reason otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        why = int_error(v, lo, hi)
+        if why:
+            raise argparse.ArgumentTypeError(f"{why}, got {text!r}")
+        return v
+
+    return parse
+
+
+def _field(name: str) -> Callable[[str], int]:
+    """The ``type`` of the flag of an integer ``TrainConfig`` field, with the field's range."""
+    return int_in(*INT_RANGES[name])
+
+
+positive_int = _positive_int = int_in(1, INT32_MAX)
+nonneg_int = _nonneg_int = int_in(0, INT32_MAX)
+seed_int = int_in(0, INT64_MAX)
 _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _nonneg_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number")
+positive_float, nonneg_float = _positive_float, _nonneg_float
 
 
 def _rate(text: str) -> float:
@@ -103,7 +136,7 @@ def _rate(text: str) -> float:
 
 def _hidden(text: str) -> int | tuple[int, ...]:
     """``256`` (one layer) or ``256,128`` (one size per layer, bottom first)."""
-    sizes = [_positive_int(part.strip()) for part in text.split(",")]
+    sizes = [_field("hidden")(part.strip()) for part in text.split(",")]
     return sizes[0] if len(sizes) == 1 else tuple(sizes)
 
 
@@ -120,6 +153,18 @@ def _error(prog: str, message: str, code: int) -> int:
     return code
 
 
+def flag_text(name: str, value) -> str:
+    """``--hidden 256,256``, ``--bidirectional``: a config field as the flag that sets it."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {show_value(value)}"
+
+
+def _saved_text(name: str, value) -> str:
+    return flag_text(name, value) if isinstance(value, bool) else show_value(value)
+
+
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jax-lstm train",
@@ -132,8 +177,8 @@ def train_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--task", choices=sorted(TASKS), help=f"the task (default {DEFAULT_TASK})")
-    p.add_argument("--steps", type=_positive_int, help="total optimizer steps (default: the task's)")
-    p.add_argument("--seed", type=_nonneg_int, help="seed of params and data (default 0)")
+    p.add_argument("--steps", type=_field("steps"), help="total optimizer steps (default: the task's)")
+    p.add_argument("--seed", type=_field("seed"), help="seed of params and data (default 0)")
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/TASK)")
     p.add_argument(
         "--resume",
@@ -146,8 +191,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="start over in a directory that holds a checkpoint")
     p.add_argument("--grad", choices=tuple(GRADS), help="manual: hand-written BPTT (default); autodiff: lstm_ref")
     p.add_argument("--metrics", metavar="FILE", help="JSON-lines log (default DIR/metrics.jsonl)")
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--seq-len", type=_positive_int, help="window length (charlm) or sequence length (sine)")
+    p.add_argument("--batch-size", type=_field("batch_size"))
+    p.add_argument("--seq-len", type=_field("seq_len"), help="window length (charlm) or sequence length (sine)")
     p.add_argument(
         "--hidden",
         type=_hidden,
@@ -159,11 +204,11 @@ def train_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="every layer also runs backwards (addition only: refused where the targets are later inputs)",
     )
-    p.add_argument("--embed", type=_positive_int, help="embedding size (charlm)")
+    p.add_argument("--embed", type=_field("embed"), help="embedding size (charlm)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default adam")
     p.add_argument("--lr", type=_positive_float, help="peak learning rate")
     p.add_argument("--schedule", choices=SCHEDULES, help="constant or warm-up + cosine decay to lr/10")
-    p.add_argument("--warmup", type=_nonneg_int, help="warm-up steps")
+    p.add_argument("--warmup", type=_field("warmup"), help="warm-up steps")
     p.add_argument("--clip", type=_nonneg_float, help="clip gradients to this global norm (0: off)")
     p.add_argument("--dropout", type=_rate, help="dropout rate on the LSTM outputs in training (charlm default 0.2)")
     p.add_argument("--layer-dropout", type=_rate, help="dropout rate between stacked layers in training (default 0)")
@@ -174,7 +219,7 @@ def train_parser() -> argparse.ArgumentParser:
         help="variational dropout on every layer's h_{t-1} in training: one mask per sequence (default 0)",
     )
     p.add_argument("--dtype", choices=DTYPES, help="default float32")
-    p.add_argument("--log-every", type=_positive_int, help="evaluate, log and checkpoint every N steps")
+    p.add_argument("--log-every", type=_field("log_every"), help="evaluate, log and checkpoint every N steps")
     p.add_argument(
         "--time-limit",
         type=_nonneg_float,
@@ -196,34 +241,24 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def main_train(argv: Sequence[str]) -> int:
-    """``jax-lstm train``: returns 0 on success, 1 on failure (NaN, bad checkpoint), 2 on bad
-    arguments, 130 when interrupted (after writing a checkpoint)."""
+    """``jax-lstm train``: returns 0 on success, 1 on failure (NaN, bad checkpoint, a failed write), 2 on bad
+    arguments or a run directory in use, 130 after Ctrl-C and 143 after SIGTERM (both with a checkpoint)."""
     prog = "jax-lstm train"
+
+    def stop_now(signum: int) -> None:  # a second signal: one line, and out, keeping the checkpoint on disk
+        os.write(2, f"\n{prog}: {signal.Signals(signum).name} again: stopped at once; {interrupts.kept()}\n".encode())
+        os._exit(EXIT_SIGNAL[interrupts.requested])
+
+    with Interrupts((signal.SIGINT, signal.SIGTERM), hard_stop=stop_now) as interrupts:
+        code = _train(prog, argv, interrupts)
+    return code
+
+
+def _train(prog: str, argv: Sequence[str], interrupts: Interrupts) -> int:
     args = _parse(train_parser(), argv)
     if isinstance(args, int):
         return args
-    config = TrainConfig(
-        task=args.task,
-        steps=args.steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        hidden=args.hidden,
-        bidirectional=args.bidirectional,
-        layer_dropout=args.layer_dropout,
-        recurrent_dropout=args.recurrent_dropout,
-        embed=args.embed,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        schedule=args.schedule,
-        warmup=args.warmup,
-        clip=args.clip,
-        dropout=args.dropout,
-        dtype=args.dtype,
-        grad=args.grad,
-        log_every=args.log_every,
-        time_limit=args.time_limit,
-    )
+    config = TrainConfig(**{f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)})
     out = args.out
     if out is None and not (args.resume and args.resume is not True):
         out = os.path.join("runs", args.task or DEFAULT_TASK)
@@ -249,21 +284,30 @@ def main_train(argv: Sequence[str]) -> int:
             metrics_path=args.metrics,
             progress=args.progress,
             devices=args.devices,
+            interrupts=interrupts,
         )
-    except checkpoint.CheckpointError as e:
+    except (checkpoint.CheckpointError, RunWriteError) as e:
         return _error(prog, str(e), EXIT_FAIL)
-    except (ValueError, FileExistsError) as e:
+    except ResumeConflict as e:
+        return _error(prog, e.render(flag_text, _saved_text), EXIT_USAGE)
+    except (ValueError, FileExistsError, RunInUse) as e:
         return _error(prog, str(e), EXIT_USAGE)
+    if result.stop == "interrupted" and not result.losses:  # stopped before its first step
+        print(f"{prog}: {result.message}", file=sys.stderr)
+        return EXIT_SIGNAL[interrupts.requested or signal.SIGINT]
     task = get_task(result.config.task)
-    print(summary_table(result, task, result.n_params))
-    if result.stop != "nan" and not args.no_sample:
-        demo = task.demo(result.state.params, result.data, GRADS[result.config.grad])
-        if demo:
-            print(demo)
+    with interrupts.critical(final=True):  # the run is over: a signal now changes nothing
+        print(summary_table(result, task, result.n_params))
+        if result.stop != "nan" and not args.no_sample:
+            demo = task.demo(result.state.params, result.data, GRADS[result.config.grad])
+            if demo:
+                print(demo)
     if result.stop == "nan":
-        return _error(prog, result.message, EXIT_FAIL)
+        return _error(prog, f"{result.message}. Try a lower --lr or a smaller --clip.", EXIT_FAIL)
     print(f"{prog}: {result.message}", file=sys.stderr)
-    return EXIT_INTERRUPTED if result.stop == "interrupted" else EXIT_OK
+    if result.stop == "interrupted":
+        return EXIT_SIGNAL[interrupts.requested or signal.SIGINT]
+    return EXIT_OK
 
 
 def _checkpoint_argument(p: argparse.ArgumentParser) -> None:
@@ -289,7 +333,7 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="The ", help="text the model reads first (default 'The ')")
     p.add_argument("--length", type=_positive_int, default=500, help="characters to generate (default 500)")
     p.add_argument("--temperature", type=_positive_float, default=0.8, help="> 0; lower is more conservative")
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     return p
 
 

@@ -13,7 +13,10 @@ one replaces a ``lax.scan`` over ``eqx.nn.LSTMCell``::
     hs, (h, c) = jax.vmap(run)(batch)
     # jax_lstm
     model = jax_lstm.eqx.LSTM(D, H, key=key)
-    hs, state = jax.vmap(model)(batch)                    # state = LSTMState(h, c)
+    hs, state = jax.vmap(model)(batch)                    # state = LSTMState(h, c): h, c = state
+
+One step at a time (acting): ``state = model.step(x_t, state)``, as
+``state = cell(x_t, state)``.
 
 Inside, each example runs ``lstm_stack`` on (T, 1, D), time-major, so under
 ``jax.vmap`` the mapped axis becomes the batch of one call of the fused BPTT.
@@ -33,7 +36,6 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
     raise ImportError("jax_lstm.eqx needs equinox: pip install 'jax_lstm[equinox]'") from e
 
 from jax_lstm._modules import as_stack, check_rate, hidden_sizes, layout, run_stack
-from jax_lstm.cell import LSTMState
 from jax_lstm.layers import init_stack
 
 __all__ = ["LSTM"]
@@ -41,15 +43,6 @@ __all__ = ["LSTM"]
 
 def _default_float():
     return jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 with jax_enable_x64, else float32
-
-
-def _add_batch(state):
-    """h, c: (H,) -> (1, H); anything but an LSTMState is left for ``run_stack`` to refuse."""
-    return LSTMState(*(jnp.asarray(a)[None] for a in state)) if isinstance(state, LSTMState) else state
-
-
-def _drop_batch(state):
-    return LSTMState(*(a[0] for a in state))
 
 
 class LSTM(eqx.Module):
@@ -71,7 +64,8 @@ class LSTM(eqx.Module):
     The state is jax_lstm's ``LSTMState(h, c)`` (h, c: (H,)) for one
     unidirectional layer, and otherwise the stack's nesting: per layer a tuple
     with one ``LSTMState`` per direction (forward, reverse). This is the order
-    of ``eqx.nn.LSTMCell``'s ``(h, c)``; Flax's cells use ``(c, h)``.
+    of ``eqx.nn.LSTMCell``'s ``(h, c)``, and a plain ``(h, c)`` tuple is read in
+    that order (an ``LSTMState`` or a Flax-style ``LSTMCarry`` by field names).
 
     Dropout follows ``eqx.nn.Dropout``: on unless ``inference`` is True (see
     ``eqx.nn.inference_mode``), and then a ``key`` is required.
@@ -168,6 +162,7 @@ class LSTM(eqx.Module):
         seq_length: jax.Array | int | None = None,
         mask: jax.Array | None = None,
         resets: jax.Array | None = None,
+        reset_state=None,
         key: jax.Array | None = None,
         inference: bool | None = None,
     ):
@@ -175,20 +170,24 @@ class LSTM(eqx.Module):
 
         Args:
           inputs: (T, D), one example; ``jax.vmap(model)`` for a batch.
-          state: ``LSTMState(h, c)`` (one unidirectional layer) or the stack
-            nesting of ``LSTMState``; h, c: (H_l,). None means zeros.
+          state: ``LSTMState(h, c)`` or a plain ``(h, c)`` tuple (one
+            unidirectional layer), or the stack nesting of them; h, c: (H_l,).
+            None means zeros.
           seq_length: optional integer scalar; steps t >= seq_length are
             padding: zero output, state unchanged.
           mask: optional (T,) bool; False skips the step.
-          resets: optional (T,) bool; True sets the state back to ``state``
-            (zeros if None) before the step.
+          resets: optional (T,) bool; True sets the state to ``reset_state``
+            just before the step.
+          reset_state: the state resets restore, in the form of ``state``;
+            None means zeros.
           key: PRNG key for dropout (required when a rate is > 0 and not in
             inference mode).
           inference: overrides ``self.inference`` for this call.
 
         Returns:
           ``(outputs, final_state)``: outputs (T, H_L), or (T, 2 H_L)
-          bidirectional; final_state in the form of ``state``, h, c: (H_l,).
+          bidirectional; final_state as ``LSTMState`` in the stack's nesting
+          (one ``LSTMState`` for one unidirectional layer), h, c: (H_l,).
         """
         d0 = self.input_size
         if not hasattr(inputs, "ndim") or inputs.ndim != 2 or inputs.shape[1] != d0:
@@ -208,34 +207,39 @@ class LSTM(eqx.Module):
             seq_length = jnp.asarray(seq_length)
             if seq_length.ndim != 0:
                 raise ValueError(f"seq_length must be a scalar (one example), got shape {seq_length.shape}")
-            seq_length = seq_length[None]
         for name, a in (("mask", mask), ("resets", resets)):
             if a is not None and getattr(a, "shape", None) != inputs.shape[:1]:
                 raise ValueError(
                     f"{name} has shape {getattr(a, 'shape', None)}, expected (T,) = {inputs.shape[:1]} from inputs"
                 )
-        if isinstance(state, LSTMState):
-            state = _add_batch(state)
-        elif isinstance(state, (tuple, list)) and len(state) == len(self.stack):
-            state = tuple(
-                layer if not isinstance(layer, (tuple, list)) else tuple(_add_batch(s) for s in layer)
-                for layer in state
-            )
         final, hs = run_stack(
             self.stack,
-            inputs[:, None],
+            inputs,
             state,
+            style="eqx",
             time_major=True,
             seq_lengths=seq_length,
-            mask=None if mask is None else mask[:, None],
-            resets=None if resets is None else resets[:, None],
+            mask=mask,
+            resets=resets,
+            reset_carry=reset_state,
             dropout=dropout,
             recurrent_dropout=recurrent_dropout,
             key=key,
             carry_name="state",
         )
-        if isinstance(final, LSTMState):
-            final = _drop_batch(final)
-        else:
-            final = tuple(tuple(_drop_batch(s) for s in layer) for layer in final)
-        return hs[:, 0], final
+        return hs, final
+
+    def step(self, x_t: jax.Array, state=None, *, key: jax.Array | None = None, inference: bool | None = None):
+        """Advance one example one step, as ``eqx.nn.LSTMCell``: ``state = model.step(x_t, state)``.
+
+        x_t: (D,); ``state`` as in ``__call__`` (None: zeros). Returns the new
+        state in the stack's nesting of ``LSTMState`` (one ``LSTMState`` for
+        one unidirectional layer; ``state.h`` is the output). The weights of the
+        sequence call; unidirectional modules only.
+        """
+        if self.bidirectional:
+            raise ValueError("step is for unidirectional modules: a bidirectional layer needs the whole sequence")
+        if not hasattr(x_t, "ndim") or x_t.ndim != 1:
+            raise ValueError(f"x_t has shape {getattr(x_t, 'shape', None)}, expected (D,) = ({self.input_size},)")
+        _, final = self(x_t[None], state, key=key, inference=inference)
+        return final

@@ -135,8 +135,10 @@ CONFIGS = [
 
 def main(argv: list[str] | None = None) -> int:
     """Print the error table; return 1 if any error exceeds its tolerance."""
+    from jax_lstm.cli import nonneg_int
+
     ap = argparse.ArgumentParser(prog="jax-lstm gradcheck", description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=0, help="PRNG seed for parameters, inputs and cotangents")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="PRNG seed for parameters, inputs and cotangents")
     ap.add_argument("--quick", action="store_true", help="two configurations instead of all")
     args = ap.parse_args(argv)
     jax.config.update("jax_enable_x64", True)

@@ -55,7 +55,7 @@ LayerState = tuple[LSTMState, ...]
 StackParams = tuple[LayerParams, ...]
 StackState = tuple[LayerState, ...]
 
-_IMPLS = {"manual": lstm, "ref": lstm_ref}
+IMPLS = {"manual": lstm, "autodiff": lstm_ref}  # the one table: gradients by hand or by autodiff
 _DIRECTIONS = ("forward", "reverse")
 
 
@@ -220,7 +220,7 @@ def lstm_stack(
     """Run a stack of (optionally bidirectional) LSTM layers over a sequence.
 
     Every layer and direction is one call of ``lstm`` (hand-written BPTT), or
-    of ``lstm_ref`` with ``impl="ref"``, so the two stacks have the same values
+    of ``lstm_ref`` with ``impl="autodiff"``, so the two stacks have the same values
     and their gradients can be compared.
 
     Args:
@@ -251,7 +251,7 @@ def lstm_stack(
         l, direction k (0 forward, 1 reverse) draws its recurrent-dropout mask
         with ``key=fold_in(fold_in(key, l), k)``.
       unroll: passed to every ``lax.scan``.
-      impl: "manual" (``lstm``, hand-written BPTT) or "ref" (``lstm_ref``,
+      impl: "manual" (``lstm``, hand-written BPTT) or "autodiff" (``lstm_ref``,
         autodiff through ``lax.scan``).
       time_major: False for batch-major ``xs``, ``hs``, ``mask`` and ``resets``.
         The stack transposes once on the way in and once on the way out.
@@ -268,9 +268,9 @@ def lstm_stack(
       ValueError, TypeError: bad structure or shapes, naming the argument
         (e.g. ``params[1][0].U``, ``states0[0][1].h``) and the shapes.
     """
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {sorted(_IMPLS)}, got {impl!r}")
-    fn = _IMPLS[impl]
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {sorted(IMPLS)}, got {impl!r}")
+    fn = IMPLS[impl]
     D0, sizes = stack_sizes(params)
     B = _check_xs(xs, D0, seq_lengths, mask, resets, time_major)
     _check_states0(states0, sizes, B)

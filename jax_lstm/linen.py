@@ -1,24 +1,24 @@
 """``jax_lstm.linen.LSTM``: a Flax Linen module around ``lstm_stack`` (the hand-written BPTT).
 
 It takes the place of ``nn.RNN(nn.OptimizedLSTMCell(...))`` (and of
-``nn.Bidirectional`` and stacks of them)::
+``nn.Bidirectional`` and stacks of them), with the same arguments::
 
     # Flax
     rnn = nn.RNN(nn.OptimizedLSTMCell(hidden), return_carry=True)
-    carry, ys = rnn.apply(variables, xs, seq_lengths=lengths)             # carry = (c, h)
     # jax_lstm
-    rnn = jax_lstm.linen.LSTM(hidden)
-    carry, ys = rnn.apply(variables, xs, seq_lengths=lengths, return_carry=True)   # carry = LSTMState(h, c)
+    rnn = jax_lstm.linen.LSTM(hidden, return_carry=True)
+    (c, h), ys = rnn.apply(variables, xs, seq_lengths=lengths)   # the carry unpacks as Flax's; also carry.h
 
 Unlike Flax's ``RNN``, outputs at padded steps (``t >= seq_lengths[b]``) are zero.
 The variables are ``{"params": {"stack": stack}}`` with ``stack`` in
-``init_stack``'s nesting; ``to_variables`` and ``from_variables`` convert.
+``init_stack``'s nesting; ``to_variables`` and ``from_variables`` convert (and
+``jax_lstm.interop.from_flax`` converts a Flax cell's variables).
 Needs flax (``pip install 'jax_lstm[flax]'``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -29,10 +29,18 @@ try:
 except ImportError as e:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError("jax_lstm.linen needs flax: pip install 'jax_lstm[flax]'") from e
 
-from jax_lstm._modules import as_stack, check_rate, hidden_sizes, raw_key, run_stack
-from jax_lstm.layers import init_stack
+from jax_lstm._modules import (
+    LSTMCarry,
+    as_stack,
+    check_rate,
+    hidden_sizes,
+    init_module_stack,
+    make_carry,
+    run_stack,
+    write_carry,
+)
 
-__all__ = ["LSTM", "to_variables", "from_variables"]
+__all__ = ["LSTM", "LSTMCarry", "to_variables", "from_variables"]
 
 PARAM_NAME = "stack"
 
@@ -40,39 +48,61 @@ PARAM_NAME = "stack"
 class LSTM(nn.Module):
     """A stack of LSTM layers (optionally bidirectional) with the hand-written BPTT.
 
-    Per layer and direction the cell is (gate blocks [f | i | g | o])::
+    Per layer and direction the cell is (gate blocks [f | i | g | o]; by
+    default ``gate_fn = sigmoid``, ``activation_fn = tanh``)::
 
         z_t = h_{t-1} @ W + x_t @ U + b
-        c_t = sigmoid(z_f) * c_{t-1} + sigmoid(z_i) * tanh(z_g)
-        h_t = sigmoid(z_o) * tanh(c_t)
+        c_t = gate_fn(z_f) * c_{t-1} + gate_fn(z_i) * activation_fn(z_g)
+        h_t = gate_fn(z_o) * activation_fn(c_t)
 
     The same function as ``nn.OptimizedLSTMCell``; weights convert exactly with
-    ``jax_lstm.interop.from_flax``.
+    ``jax_lstm.interop.from_flax``. The attributes and the call take the
+    arguments of ``nn.RNN`` (and ``nn.Bidirectional``) around that cell, with
+    the same meaning.
 
     Parameters: one entry ``"stack"`` holding ``init_stack``'s nesting (a tuple of
     layers, each a tuple of one ``LSTMParams`` per direction), so
     ``from_variables(variables)`` is ready for ``lstm_stack`` and
     ``jax_lstm.interop``, and ``to_variables(stack)`` goes back.
 
-    The carry is jax_lstm's ``LSTMState(h, c)`` (h, c: (B, H)) for one
-    unidirectional layer, and otherwise the stack's nesting: per layer a tuple
-    with one ``LSTMState`` per direction (forward, reverse). Flax's LSTM cells
-    use ``(c, h)``: a plain tuple is refused.
+    The carry is Flax's: ``LSTMCarry(c, h)`` (h, c: (*batch, H)) for one
+    unidirectional layer, so ``c, h = carry`` works and so do ``carry.h`` and
+    ``carry.c``; ``(forward, backward)`` for one bidirectional layer (as
+    ``nn.Bidirectional``); a tuple with one such entry per layer for a stack.
+    Carries passed in are read the same way: a plain ``(c, h)`` pair in Flax's
+    order, an ``LSTMState(h, c)`` or an ``LSTMCarry`` by their field names.
 
     Attributes:
       features: H for every layer, or one size per layer.
       num_layers: number of layers when ``features`` is an int.
       bidirectional: every layer also runs in reverse; its output is
-        ``[forward | reverse]``, 2 H wide.
+        ``merge_fn(forward, backward)``, by default ``[forward | backward]``.
       dropout: inverted dropout on each layer's output before the next layer
         (never on the last layer's output), a Python float in [0, 1).
       recurrent_dropout: inverted dropout on h_{t-1} where it enters the gates,
         one mask per sequence, layer and direction.
-      forget_bias: initial value of the forget-gate bias.
-      time_major: inputs (T, B, D) instead of (B, T, D) (also ``mask`` and
-        ``resets``).
-      dtype: the computation dtype (params and inputs are cast to it), or None
-        for the common dtype of the params and the inputs.
+      forget_bias: initial value of the forget-gate bias (unless ``bias_init``).
+      time_major: inputs (T, *batch, D) instead of (*batch, T, D) (also
+        ``mask`` and ``resets``); the call's ``time_major`` overrides it.
+      return_carry: return ``(carry, outputs)``; the call's overrides it.
+      reverse: run each sequence from its last valid step to its first
+        (unidirectional); the outputs are in that processing order, as Flax's,
+        unless ``keep_order``.
+      keep_order: with ``reverse``, give the outputs in the order of the inputs.
+      unroll: passed to ``lax.scan``; never changes values.
+      gate_fn: element-wise activation of the f, i, o gates.
+      activation_fn: element-wise activation of g and of c_t in h_t.
+      kernel_init, recurrent_kernel_init, bias_init: Flax initializers
+        ``init(key, shape, dtype)``, called per gate with (D, H), (H, H) and
+        (H,) as ``nn.OptimizedLSTMCell`` calls them; None keeps
+        ``init_params``' defaults.
+      carry_init: initializer of the carry when the call gets no
+        ``initial_carry`` (Flax's ``carry_init``; None: zeros).
+      merge_fn: ``merge_fn(forward_outputs, backward_outputs)`` of the last
+        bidirectional layer (None: concatenation); the layers below always
+        concatenate.
+      dtype: the computation dtype (params, inputs and carries are cast to
+        it), or None for the result type of the params and the inputs.
       param_dtype: the dtype the weights are initialised in.
     """
 
@@ -83,6 +113,17 @@ class LSTM(nn.Module):
     recurrent_dropout: float = 0.0
     forget_bias: float = 1.0
     time_major: bool = False
+    return_carry: bool = False
+    reverse: bool = False
+    keep_order: bool = False
+    unroll: int = 1
+    gate_fn: Callable = jax.nn.sigmoid
+    activation_fn: Callable = jnp.tanh
+    kernel_init: Callable | None = None
+    recurrent_kernel_init: Callable | None = None
+    bias_init: Callable | None = None
+    carry_init: Callable | None = None
+    merge_fn: Callable | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -92,47 +133,67 @@ class LSTM(nn.Module):
         inputs: jax.Array,
         *,
         initial_carry=None,
+        init_key: jax.Array | None = None,
         seq_lengths: jax.Array | None = None,
         mask: jax.Array | None = None,
         resets: jax.Array | None = None,
-        return_carry: bool = False,
+        reset_carry=None,
+        return_carry: bool | None = None,
+        time_major: bool | None = None,
+        reverse: bool | None = None,
+        keep_order: bool | None = None,
         deterministic: bool = True,
     ):
-        """Run the stack over a batch of sequences.
+        """Run the stack over sequences, as ``nn.RNN`` (``nn.Bidirectional``) does.
 
         Args:
-          inputs: (B, T, D), or (T, B, D) with ``time_major=True``.
-          initial_carry: ``LSTMState(h, c)`` (one unidirectional layer) or the
-            stack nesting of ``LSTMState``; h, c: (B, H_l). None means zeros.
-          seq_lengths: optional (B,) integer lengths; steps t >= seq_lengths[b]
-            are padding: zero output, state unchanged.
-          mask: optional (B, T) bool ((T, B) time-major); False skips the step.
-          resets: optional (B, T) bool ((T, B) time-major); True sets the state
-            back to ``initial_carry`` (zeros if None) before the step.
-          return_carry: also return the final carry.
+          inputs: (*batch, T, D), or (T, *batch, D) time-major: any number of
+            batch axes, none included; integer inputs are promoted.
+          initial_carry: the carry (see the class docstring), h, c:
+            (*batch, H_l); None: ``carry_init`` (zeros by default).
+          init_key: the key of a random ``carry_init`` (default key 0, as Flax).
+          seq_lengths: optional (*batch,) integer lengths; steps
+            t >= seq_lengths[b] are padding: zero output, state unchanged.
+          mask: optional (*batch, T) bool ((T, *batch) time-major); False skips
+            the step.
+          resets: optional (*batch, T) bool ((T, *batch) time-major); True sets
+            the state to ``reset_carry`` just before the step.
+          reset_carry: the carry resets restore (same form as
+            ``initial_carry``); None: zeros.
+          return_carry, time_major, reverse, keep_order: override the
+            attributes for this call.
           deterministic: True turns dropout off; with False the key comes from
             ``self.make_rng("dropout")`` (pass ``rngs={"dropout": key}`` to
             ``apply``).
 
         Returns:
-          ``outputs`` (B, T, H_L), or (B, T, 2 H_L) bidirectional (time-major:
-          (T, B, ...)); with ``return_carry``, ``(carry, outputs)``.
+          ``outputs`` (*batch, T, H_L), or ``merge_fn``'s width bidirectional
+          (by default 2 H_L; time-major: (T, *batch, ...)); with
+          ``return_carry``, ``(carry, outputs)``.
         """
         sizes = hidden_sizes(self.features, self.num_layers, "features")
         dropout = check_rate(self.dropout, "dropout")
         recurrent_dropout = check_rate(self.recurrent_dropout, "recurrent_dropout")
-        if not hasattr(inputs, "ndim") or inputs.ndim != 3:
-            axes = "(T, B, D)" if self.time_major else "(B, T, D)"
+        return_carry = self.return_carry if return_carry is None else return_carry
+        time_major = self.time_major if time_major is None else time_major
+        reverse = self.reverse if reverse is None else reverse
+        keep_order = self.keep_order if keep_order is None else keep_order
+        if not hasattr(inputs, "ndim") or inputs.ndim < 2:
+            axes = "(T, *batch, D)" if time_major else "(*batch, T, D)"
             raise ValueError(f"inputs has shape {getattr(inputs, 'shape', None)}, expected {axes}")
         stack = self.param(
             PARAM_NAME,
-            lambda key: init_stack(
-                raw_key(key),
+            lambda key: init_module_stack(
+                key,
                 int(inputs.shape[-1]),
                 sizes,
                 bidirectional=self.bidirectional,
                 forget_bias=self.forget_bias,
                 dtype=self.param_dtype,
+                kernel_init=self.kernel_init,
+                recurrent_kernel_init=self.recurrent_kernel_init,
+                bias_init=self.bias_init,
+                per_gate=True,
             ),
         )
         if deterministic or len(sizes) == 1:
@@ -144,16 +205,61 @@ class LSTM(nn.Module):
             stack,
             inputs,
             initial_carry,
-            time_major=self.time_major,
+            style="flax",
+            time_major=time_major,
             dtype=self.dtype,
             seq_lengths=seq_lengths,
             mask=mask,
             resets=resets,
+            reset_carry=reset_carry,
+            reverse=reverse,
+            keep_order=keep_order,
+            unroll=self.unroll,
+            gate_fn=self.gate_fn,
+            activation_fn=self.activation_fn,
+            merge_fn=self.merge_fn,
+            carry_init=self.carry_init,
+            carry_key=jax.random.key(0) if init_key is None else init_key,
             dropout=dropout,
             recurrent_dropout=recurrent_dropout,
             key=key,
         )
         return (carry, outputs) if return_carry else outputs
+
+    def step(self, carry, x_t: jax.Array, *, deterministic: bool = True):
+        """One time step, Flax's cell convention: ``(carry, x_t) -> (carry, y_t)``, unidirectional modules.
+
+        ``module.apply(variables, carry, x_t, method="step")``: the variables,
+        dtype and activations of the sequence call; ``carry`` in the module's
+        form (None: ``carry_init``, zeros by default); x_t: (*batch, D); y_t:
+        (*batch, H_L), the last layer's h.
+        """
+        if self.bidirectional:
+            raise ValueError("step is for unidirectional modules: a bidirectional layer needs the whole sequence")
+        if not hasattr(x_t, "ndim") or x_t.ndim < 1:
+            raise ValueError(f"x_t has shape {getattr(x_t, 'shape', None)}, expected (*batch, D)")
+        carry, ys = self(
+            jnp.asarray(x_t)[None],
+            initial_carry=carry,
+            return_carry=True,
+            time_major=True,
+            reverse=False,
+            deterministic=deterministic,
+        )
+        return carry, ys[0]
+
+    @nn.nowrap
+    def initialize_carry(self, rng: jax.Array, input_shape: Sequence[int]):
+        """The carry for inputs of one step of shape ``(*batch, D)``, from ``carry_init`` (zeros by default).
+
+        As ``nn.OptimizedLSTMCell.initialize_carry(rng, input_shape)``: h, c:
+        (*batch, H_l) in ``param_dtype``; works on an unbound module.
+        """
+        sizes = hidden_sizes(self.features, self.num_layers, "features")
+        states = make_carry(
+            self.carry_init, rng, tuple(input_shape)[:-1], sizes, 2 if self.bidirectional else 1, self.param_dtype
+        )
+        return write_carry(states, "flax")
 
 
 def to_variables(stack) -> dict[str, dict[str, Any]]:

@@ -53,6 +53,20 @@ def make_mesh(devices: Sequence[jax.Device] | int | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
+def mesh_for(devices: int | None, batch_size: int) -> Mesh | None:
+    """The mesh a run of ``batch_size`` on ``devices`` trains over, or None for one device (one process, no
+    ``devices``); ValueError if ``devices`` or the batch does not fit."""
+    if devices is None and jax.process_count() == 1:
+        return None
+    mesh = make_mesh(devices)
+    n = mesh.devices.size
+    if batch_size % n:
+        raise ValueError(
+            f"batch_size {batch_size} does not divide over {n} devices; use a batch size that is a multiple of {n}"
+        )
+    return mesh
+
+
 def replicate(mesh: Mesh, tree):
     """Place every leaf of ``tree`` on all devices of ``mesh`` (params, optimizer state, keys)."""
     sharding = NamedSharding(mesh, PartitionSpec())

@@ -518,8 +518,9 @@ for n in range(3):
 # that change each of these, per time step and per batch row:
 #
 # * `mask` (T, B) bool, written $m_t \in \{0, 1\}$: where it is 0 step t is **skipped**;
-# * `resets` (T, B) bool, $r_t$: where it is 1 the state is set to `state0` $= (h_0, c_0)$ just before step t
-#   is visited, whether step t then runs or is skipped;
+# * `resets` (T, B) bool, $r_t$: where it is 1 the state is set to `reset_state` $= (h_r, c_r)$ (zeros when
+#   not given) just before step t is visited, whether step t then runs or is skipped. `state0` $= (h_0, c_0)$
+#   is only the state before the first visited step;
 # * `recurrent_dropout` p with `key`: one keep mask $k \in \{0, 1\}^{B \times H}$ per sequence, drawn as
 #   `jax.random.bernoulli(key, 1 - p, (B, H))`, scaled to $\kappa = k / (1 - p)$, the same at every step and
 #   for all four gates. It applies to h_{t-1} in $h_{t-1} W$ only; the carried state and the output are not
@@ -530,7 +531,7 @@ for n in range(3):
 # $(h_{-1}, c_{-1}) = (h_0, c_0)$. With the section-1 cell written as $\mathrm{cell}(z_t, c) \to (\hat c_t, \hat h_t)$,
 # one step is
 #
-# $$\bar h_{t-1} = r_t\, h_0 + (1 - r_t)\, h_{t-1}, \qquad \bar c_{t-1} = r_t\, c_0 + (1 - r_t)\, c_{t-1}
+# $$\bar h_{t-1} = r_t\, h_r + (1 - r_t)\, h_{t-1}, \qquad \bar c_{t-1} = r_t\, c_r + (1 - r_t)\, c_{t-1}
 #   \qquad \text{(the state entering step t)}$$
 # $$z_t = (\bar h_{t-1} \odot \kappa)\, W + x_t U + b, \qquad (\hat c_t, \hat h_t) = \mathrm{cell}(z_t, \bar c_{t-1})$$
 # $$c_t = m_t\, \hat c_t + (1 - m_t)\, \bar c_{t-1}, \qquad h_t = m_t\, \hat h_t + (1 - m_t)\, \bar h_{t-1},
@@ -557,16 +558,18 @@ for n in range(3):
 # without a branch: at a skipped step the forward stores zero gate coefficients and $f_t = 1$ for it, so
 # δ11 = δ8 · f_t is $\delta c_t$ itself.
 #
-# **Resets.** $\bar h_{t-1}$ depends on $h_{t-1}$ with the factor $1 - r_t$ and on $h_0$ with the factor $r_t$,
-# so the error reaching the entering state goes either to step t − 1 or to `state0`, never to both:
+# **Resets.** $\bar h_{t-1}$ depends on $h_{t-1}$ with the factor $1 - r_t$ and on $h_r$ with the factor $r_t$,
+# so the error reaching the entering state goes either to step t − 1 or to `reset_state`, never to both:
 #
 # $$\delta h_{t-1} = (1 - r_t)\, \frac{\partial L}{\partial \bar h_{t-1}}, \qquad
-#   \frac{\partial L}{\partial h_0} = \sum_t s_t\, \frac{\partial L}{\partial \bar h_{t-1}},
-#   \qquad s_t = 1 \text{ at the first visited step and where } r_t = 1, \text{ else } 0,$$
+#   \frac{\partial L}{\partial h_r} = \sum_t r_t\, \frac{\partial L}{\partial \bar h_{t-1}}, \qquad
+#   \frac{\partial L}{\partial h_0} = \delta h_{-1} \text{ (what is left at the start)},$$
 #
-# and the same for $c$. No gradient crosses a reset, and the gradient of `state0` is a sum over the start of the
-# row and every reset in it. A reset at a skipped step hands $\delta h_t$, which passed through the skipped step,
-# to `state0`.
+# and the same for $c$. No gradient crosses a reset; the gradient of `reset_state` is a sum over every reset of
+# the row, and `state0` gets only what reaches the start (nothing, in a row that resets before its first
+# visited step). A reset at a skipped step hands $\delta h_t$, which passed through the skipped step, to
+# `reset_state`. With `reset_state=state0` the two gradients add up in `state0`: that is what resets did before
+# they restored a state of their own.
 #
 # **Recurrent dropout.** At a step that runs, $\bar h_{t-1}$ enters only through $z_t$, as
 # $\bar h_{t-1} \odot \kappa$, and κ is a constant (no gradient reaches the key). So the seed's δ25 is multiplied
@@ -589,12 +592,13 @@ for n in range(3):
 # | error of the entering h | δ25 $= dz_t W^\top$ | $m_t\, (dz_t W^\top) \odot \kappa + (1 - m_t)\, \delta h_t$ |
 # | error of the entering c | δ11 $= \delta_8 \odot f_t$ | $m_t\, \delta_8 \odot f_t + (1 - m_t)\, \delta c_t$ |
 # | $\delta h_{t-1}$, $\delta c_{t-1}$ | the two above | $(1 - r_t)$ times the two above |
-# | $dh_0$, $dc_0$ | at the first step | $\sum_t s_t$ (first step and every reset) of the two above |
+# | $dh_0$, $dc_0$ | at the first step | what is left at the start |
+# | $dh_r$, $dc_r$ (`reset_state`) | — | $\sum_t r_t$ times the errors of the entering h, c |
 # | $dW$ | $\sum_t h_{t-1}^\top dz_t$ | $\sum_t (\bar h_{t-1} \odot \kappa)^\top dz_t$, $\bar h_{t-1}$ as carried |
 # | $dU$, $db$, $dx_t$ | $\sum_t x_t^\top dz_t$, $\sum_t dz_t$, $dz_t U^\top$ | the same ($dz_t = 0$ at skipped steps) |
 #
 # **Check against autodiff.** `lstm` implements the right column, `lstm_ref` is a plain scan over the cell with
-# the three options written into its forward (a `where` per step, the state replaced by `state0`, h multiplied
+# the three options written into its forward (a `where` per step, the state replaced by `reset_state`, h multiplied
 # by κ) and differentiated by JAX. Random cotangents on `hs`, $h_T$ and $c_T$, float64, a few random patterns:
 
 # %%
@@ -619,6 +623,8 @@ options = {
     "all three": {"mask": mask_m, "resets": resets_m, **dropout},
     "all three, reverse": {"mask": mask_m, "resets": resets_m, "reverse": True, **dropout},
 }
+srm = LSTMState(*(0.5 * jax.random.normal(k, (BM, HM), F64) for k in jax.random.split(jax.random.PRNGKey(14), 2)))
+options["all three, to a reset state"] = {**options["all three"], "reset_state": srm}
 names = {"W": "W", "U": "U", "b": "b", "xs": "xs", "h0": "state0.h", "c0": "state0.c"}
 rows = []
 for label, opts in options.items():
@@ -631,9 +637,21 @@ for label, opts in options.items():
     assert max(errors.values()) < 1e-10, (label, errors)
 display(md_table(["options", "values, max abs error", *(f"d {n}, max rel error" for n in names.values())], rows))
 
+
+def reset_state_grad(fn):
+    """d⟨cotangent, outputs⟩ / d reset_state, with all three options."""
+    ct = jax.random.normal(jax.random.PRNGKey(15), (TM, BM, HM), F64)
+    run = lambda r: jnp.vdot(fn(pm, xsm, s0m, reset_state=r, **options["all three"])[0], ct)  # noqa: E731
+    return jax.jit(jax.grad(run))(srm)
+
+
+g_rm, g_rr = reset_state_grad(jl.lstm), reset_state_grad(jl.lstm_ref)
+print("d reset_state, max rel error:", max(max_rel(a, b) for a, b in zip(g_rm, g_rr, strict=True)))
+assert max(max_rel(a, b) for a, b in zip(g_rm, g_rr, strict=True)) < 1e-10
+
 # %% [markdown]
 # Every gradient agrees to the rounding of float64, for each option alone and for all three together, in
-# both directions of travel.
+# both directions of travel, `reset_state`'s included.
 #
 # ### What the extra terms do
 #
@@ -645,9 +663,9 @@ display(md_table(["options", "values, max abs error", *(f"d {n}, max rel error" 
 # * **A skipped step passes everything through and takes nothing.** Its row of the Jacobian (its output is the
 #   constant 0) and its column (its input is never read) are exactly zero, while the steps on either side of it
 #   stay connected.
-# * **`state0`'s gradient sums over the start and every reset.** Cutting the sequence at the reset into segments
-#   that each start from `state0` gives the same outputs, and the gradient of `state0` is the sum of the
-#   segments' gradients.
+# * **A reset to `state0` is a cut.** With `reset_state=state0`, cutting the sequence at the reset into
+#   segments that each start from `state0` gives the same outputs, and the gradient of `state0` is the sum of
+#   the segments' gradients.
 # * **Dropout removes units from W's input.** For one sequence (B = 1), $(h \odot \kappa) W = h\,(\mathrm{diag}(\kappa) W)$:
 #   the rows of dW that belong to dropped units are exactly zero.
 
@@ -693,7 +711,7 @@ assert jac_reset[RJ:, :RJ].max() == 0.0 and jac_plain[RJ:, :RJ].min() > 0.0
 assert jac_mask[list(skipped)].max() == 0.0 and jac_mask[:, list(skipped)].max() == 0.0
 assert across > 0.0
 
-# state0's gradient sums over the start and every reset: the same run as two segments from state0
+# with reset_state=state0, state0's gradient sums over the start and the reset: two segments from state0
 s0j = LSTMState(*(jax.random.normal(k, (1, HJ), F64) for k in jax.random.split(jax.random.PRNGKey(22), 2)))
 cts = (jax.random.normal(jax.random.PRNGKey(23), (TJ, 1, HJ), F64),)
 cts += tuple(jax.random.normal(k, (1, HJ), F64) for k in jax.random.split(jax.random.PRNGKey(24), 2))
@@ -706,7 +724,7 @@ def pairing(outputs):
 
 
 def with_reset(s0):
-    return pairing(jl.lstm(pj, xsj, s0, resets=cases[f"reset at step {RJ}"]["resets"]))
+    return pairing(jl.lstm(pj, xsj, s0, resets=cases[f"reset at step {RJ}"]["resets"], reset_state=s0))
 
 
 def as_segments(s0_first, s0_second):
@@ -737,11 +755,45 @@ assert np.all((np.abs(np.asarray(dW_drop)).max(axis=1) == 0) == ~np.asarray(keep
 # %% [markdown]
 # The blank upper triangle of the first panel is causality; the other two show the new terms at work. Across a
 # reset the block below the diagonal is blank: the gradient is not small there but exactly zero, because the
-# backward hands everything that reaches the entering state at the reset to `state0`. Around the skipped steps,
+# backward hands everything that reaches the entering state at the reset to `reset_state`. Around the skipped steps,
 # their rows and columns are blank, yet the output after them still depends on the input before them: the state
 # and its error pass through a skipped step untouched. The last two checks come out exact as well: a run with a
-# reset is, gradient of `state0` included, the sum of the runs between resets; and a unit that dropout removes
-# from h_{t-1} contributes nothing to dW (with B > 1 its row of dW collects only the sequences that kept it).
+# reset to `state0` is, gradient of `state0` included, the sum of the runs between resets; and a unit that
+# dropout removes from h_{t-1} contributes nothing to dW (with B > 1 its row of dW collects only the sequences
+# that kept it).
+
+# %% [markdown]
+# ### Other activations
+#
+# Flax's cells take `gate_fn` (σ, on f, i, o) and `activation_fn` (φ, on g and on c_t in $h_t = o_t\,\varphi(c_t)$);
+# so do `lstm`, `lstm_ref` and the stacks. Nothing in the rules above used more of sigmoid and tanh than their
+# derivatives at the pre-activations, so the corrected rules hold with σ′ and φ′ in place of $a(1 - a)$ and
+# $1 - a^2$:
+#
+# $$\delta_7 = \delta_5\, \varphi'(c_t), \quad \delta_{13} = \delta_6\, \sigma'(z_o), \quad
+#   \delta_{14} = \delta_9\, \varphi'(z_g), \quad \delta_{15} = \delta_{10}\, \sigma'(z_i), \quad
+#   \delta_{16} = \delta_{12}\, \sigma'(z_f), \qquad \delta_6 = \delta_3\, \varphi(c_t).$$
+#
+# The forward evaluates σ′ and φ′ where it evaluates σ and φ (for other functions than sigmoid and tanh, by
+# forward mode along a tangent of ones: exact for element-wise functions) and stores the same six coefficient
+# blocks as before, so a custom activation costs no residual memory. Checked against autodiff for
+# `hard_sigmoid` with `soft_sign`, and for a user function:
+
+# %%
+activations = {
+    "hard_sigmoid, soft_sign": {"gate_fn": jax.nn.hard_sigmoid, "activation_fn": jax.nn.soft_sign},
+    "user functions": {"gate_fn": lambda z: 0.5 + 0.5 * z / jnp.sqrt(1 + z * z), "activation_fn": jnp.sin},
+}
+rows = []
+for label, fns in activations.items():
+    opts = {**options["all three"], **fns}
+    out_m, grads_m = vjp_all(jax.jit(functools.partial(jl.lstm, **opts)), pm, xsm, s0m, seed=16)
+    out_r, grads_r = vjp_all(jax.jit(functools.partial(jl.lstm_ref, **opts)), pm, xsm, s0m, seed=16)
+    errors = {name: max_rel(grads_m[name], grads_r[name]) for name in names}
+    rows.append([label, f"{max(map(max_abs, out_m, out_r)):.1e}", *(f"{e:.1e}" for e in errors.values())])
+    assert max(map(max_abs, out_m, out_r)) < 1e-12, label
+    assert max(errors.values()) < 1e-10, (label, errors)
+display(md_table(["activations (with all three options)", "values", *(f"d {n}" for n in names.values())], rows))
 
 # %% [markdown]
 # ## 5. What BPTT does over time

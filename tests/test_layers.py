@@ -92,7 +92,7 @@ def test_values_match_composition_and_ref(bidirectional, with_lengths):
             assert isinstance(s, LSTMState) and s.h.shape == s.c.shape == (B, h)
     want = _compose(params, xs, s0, lengths)
     assert rel_err((hs, finals), want) < 1e-14
-    ref = stack(params, xs, s0, seq_lengths=lengths, impl="ref")
+    ref = stack(params, xs, s0, seq_lengths=lengths, impl="autodiff")
     assert rel_err((hs, finals), ref) < 1e-13
     if with_lengths:  # padding stays zero through the stack; an empty row keeps its initial state
         np.testing.assert_array_equal(hs[2:, 1], 0.0)
@@ -132,7 +132,7 @@ def _vjp_pair(params, xs, s0, seed, **kw):
         return y, vjp(ct)
 
     ct = _rand_like(seed, jax.eval_shape(lambda: stack(params, xs, s0, **kw)))
-    return [jax.jit(functools.partial(run, impl))(params, xs, s0, ct) for impl in ("manual", "ref")]
+    return [jax.jit(functools.partial(run, impl))(params, xs, s0, ct) for impl in ("manual", "autodiff")]
 
 
 @pytest.mark.parametrize(
@@ -162,7 +162,7 @@ def test_gradients_float32_and_jit():
 
         return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
 
-    g, g_ref = loss("manual")(params, xs, s0), loss("ref")(params, xs, s0)
+    g, g_ref = loss("manual")(params, xs, s0), loss("autodiff")(params, xs, s0)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(g))
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
         assert rel_err(a, b) < 1e-5
@@ -255,7 +255,7 @@ def test_bad_input_names_the_argument():
         lstm_stack(params, xs, dropout=0.5)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
         lstm_stack(params, xs, dropout=1.0, key=jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match=r"impl must be one of \['manual', 'ref'\], got 'fast'"):
+    with pytest.raises(ValueError, match=r"impl must be one of \['autodiff', 'manual'\], got 'fast'"):
         lstm_stack(params, xs, impl="fast")
     with pytest.raises(ValueError, match=r"layer 0 forward \(params\[0\]\[0\]\): unroll must be a positive int"):
         lstm_stack(params, xs, unroll=0)

@@ -21,7 +21,7 @@ import pytest
 
 from jax_lstm import LSTMState
 from jax_lstm.gradcheck import rel_err
-from jax_lstm.interop import from_equinox, from_flax
+from jax_lstm.interop import from_equinox, from_flax, to_equinox
 from jax_lstm.layers import init_stack
 
 T, B, D = 6, 3, 4
@@ -55,6 +55,25 @@ def _single(carry, sizes, bidirectional):
 
 def _nested(carry):
     return ((carry,),) if isinstance(carry, LSTMState) else carry
+
+
+def _flax_form(carry, sizes, bidirectional):
+    """Our stack nesting as Flax writes carries: plain (c, h) per direction, (fwd, bwd) per bidirectional layer."""
+    layers = tuple(tuple((s.c, s.h) for s in layer) if bidirectional else (layer[0].c, layer[0].h) for layer in carry)
+    return layers[0] if len(sizes) == 1 else layers
+
+
+def _from_flax_form(carry, sizes, bidirectional):
+    """A Flax-module carry (LSTMCarry per direction) as our stack nesting of LSTMState, checking its form."""
+    layers = (carry,) if len(sizes) == 1 else carry
+    out = []
+    for layer in layers:
+        dirs = layer if bidirectional else (layer,)
+        for d in dirs:
+            c, h = d  # unpacks as Flax's (c, h)
+            assert c is d.c and h is d.h
+        out.append(tuple(LSTMState(h=d.h, c=d.c) for d in dirs))
+    return tuple(out)
 
 
 def _vjp(fn, *primals_and_cts):
@@ -143,8 +162,8 @@ def test_nnx_matches_flax(nnx, sizes, bidirectional, dtype):
 
     def ours(params, xs, carry):
         m = nnx.merge(gd, params, rest)
-        c, y = m(xs, initial_carry=_single(carry, sizes, bidirectional), seq_lengths=lengths, return_carry=True)
-        return y, _nested(c)
+        c, y = m(xs, initial_carry=_flax_form(carry, sizes, bidirectional), seq_lengths=lengths, return_carry=True)
+        return y, _from_flax_form(c, sizes, bidirectional)
 
     def theirs(params, xs, carry):
         m = nnx.merge(gd_r, params, rest_r)
@@ -250,13 +269,19 @@ def test_nnx_errors(nnx):
 
     model = LSTM(D, 5, rngs=nnx.Rngs(0))
     x, _ = _regression()
-    with pytest.raises(ValueError, match=r"inputs has shape \(3, 6\), expected \(B, T, D\)"):
+    with pytest.raises(ValueError, match=r"inputs has shape \(3, 6\), expected \(\*batch, T, D\) with D = 4"):
         model(x[..., 0])
-    with pytest.raises(ValueError, match=r"expected \(B, T, D\) with D = 4"):
+    with pytest.raises(ValueError, match=r"expected \(\*batch, T, D\) with D = 4"):
         model(x[..., :3])
     h = jnp.zeros((B, 5))
-    with pytest.raises(TypeError, match=r"Flax's LSTM cells use \(c, h\)"):
-        model(x, initial_carry=(h, h))
+    with pytest.raises(TypeError, match=r"plain pair of arrays read \(c, h\)"):
+        model(x, initial_carry=(h, h, h))
+    with pytest.raises(ValueError, match=r"initial_carry.h has shape \(3, 4\), expected \(\*batch, H\) = \(3, 5\)"):
+        model(x, initial_carry=(h, h[:, :4]))
+    with pytest.raises(ValueError, match=r"seq_lengths has shape \(2,\), expected \(\*batch,\) = \(3,\)"):
+        model(x, seq_lengths=jnp.array([1, 2]))
+    with pytest.raises(ValueError, match=r"resets has shape \(6, 3\), expected \(\*batch, T\) = \(3, 6\)"):
+        model(x, resets=jnp.zeros((T, B), bool))
     with pytest.raises(ValueError, match="num_layers=3"):
         LSTM(D, (5, 4), num_layers=3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
@@ -264,7 +289,7 @@ def test_nnx_errors(nnx):
     two = LSTM.from_params(init_stack(jax.random.PRNGKey(0), D, (5, 5)), dropout=0.5)
     with pytest.raises(ValueError, match="'dropout' rng stream"):
         two(x)
-    with pytest.raises(TypeError, match="one LSTMState"):
+    with pytest.raises(TypeError, match=r"one entry per layer \(2\).*\(one direction's carry\)"):
         two(x, initial_carry=LSTMState(h, h), rngs=nnx.Rngs(dropout=0))
     assert two(x, rngs=nnx.Rngs(dropout=0)).shape == (B, T, 5)
     mixed = init_stack(jax.random.PRNGKey(0), D, (5,)) + init_stack(jax.random.PRNGKey(1), 5, (5,), bidirectional=True)
@@ -315,7 +340,7 @@ def test_linen_matches_flax(nn, sizes, bidirectional, dtype):
         c, y = model.apply(
             v, xs, initial_carry=_single(carry, sizes, bidirectional), seq_lengths=lengths, return_carry=True
         )
-        return y, _nested(c)
+        return y, _from_flax_form(c, sizes, bidirectional)
 
     def theirs(vs, xs, carry):
         finals = []
@@ -393,14 +418,14 @@ def test_linen_errors(nn):
     from jax_lstm.linen import LSTM, from_variables
 
     x, _ = _regression()
-    with pytest.raises(ValueError, match=r"expected \(B, T, D\)"):
-        LSTM(5).init(jax.random.PRNGKey(0), x[0])
+    with pytest.raises(ValueError, match=r"expected \(\*batch, T, D\)"):
+        LSTM(5).init(jax.random.PRNGKey(0), x[0, 0])
     with pytest.raises(ValueError, match="num_layers=3"):
         LSTM((5, 4), num_layers=3).init(jax.random.PRNGKey(0), x)
     v = LSTM(5).init(jax.random.PRNGKey(0), x)
     h = jnp.zeros((B, 5))
     with pytest.raises(TypeError, match=r"\(c, h\)"):
-        LSTM(5).apply(v, x, initial_carry=(h, h))
+        LSTM(5).apply(v, x, initial_carry=[h])
     from flax.errors import ScopeParamShapeError
 
     with pytest.raises(ScopeParamShapeError, match=r"\(3, 20\).*\(4, 20\)"):  # Flax checks D
@@ -538,12 +563,286 @@ def test_eqx_errors(eqx):
     with pytest.raises(ValueError, match=r"mask has shape \(5,\), expected \(T,\)"):
         model(x[0], mask=jnp.ones((5,), bool))
     h = jnp.zeros((5,))
-    with pytest.raises(TypeError, match=r"LSTMState\(h, c\)"):
-        model(x[0], (h, h))
+    with pytest.raises(TypeError, match=r"read \(h, c\) as eqx.nn.LSTMCell"):
+        model(x[0], (h, h, h))
     with pytest.raises(ValueError, match="needs a key"):
         LSTM(D, 5, recurrent_dropout=0.3, key=jax.random.PRNGKey(0))(x[0])
     with pytest.raises(ValueError, match="num_layers=3"):
         LSTM(D, (5, 4), num_layers=3, key=jax.random.PRNGKey(0))
+
+
+# --------------------------------------------------------------------------- Flax drop-in: carries, arguments, step
+
+
+def _arr(seed, *shape, dtype="float64"):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def test_flax_carries_are_read_by_meaning(nnx):
+    from jax_lstm.nnx import LSTM, LSTMCarry
+
+    model = LSTM(D, 5, return_carry=True, rngs=nnx.Rngs(0))
+    xs, h0, c0 = _arr(0, B, T, D), _arr(1, B, 5), _arr(2, B, 5)
+    carry, ys = model(xs, initial_carry=(c0, h0))  # Flax's order
+    assert isinstance(carry, LSTMCarry)
+    c, h = carry  # unpacks as Flax's carry
+    assert c is carry.c and h is carry.h and carry.state == LSTMState(h, c)
+    assert rel_err(h, ys[:, -1]) == 0.0
+    for same in (LSTMState(h=h0, c=c0), LSTMCarry(c=c0, h=h0), ((LSTMState(h0, c0),),), carry._replace(c=c0, h=h0)):
+        carry_2, ys_2 = model(xs, initial_carry=same)
+        assert rel_err(ys_2, ys) == 0.0 and rel_err(carry_2, carry) == 0.0
+    assert rel_err(model(xs, initial_carry=(h0, c0))[1], ys) > 1e-3  # a plain pair is (c, h), never (h, c)
+
+    # stacks: one Flax-style entry per layer; the stack's nesting of LSTMState reads the same
+    states = [(LSTMState(_arr(3 + l, B, 5), _arr(5 + l, B, 5)),) for l in range(2)]
+    two = LSTM(D, 5, num_layers=2, return_carry=True, rngs=nnx.Rngs(1))
+    carry, ys = two(xs, initial_carry=tuple((s.c, s.h) for (s,) in states))
+    assert len(carry) == 2 and all(isinstance(k, LSTMCarry) for k in carry)
+    carry_2, ys_2 = two(xs, initial_carry=tuple(states))
+    assert rel_err(ys_2, ys) == 0.0 and rel_err(carry_2, carry) == 0.0
+    bi = LSTM(D, 5, bidirectional=True, return_carry=True, rngs=nnx.Rngs(2))
+    fwd, bwd = states[0][0], states[1][0]
+    carry, ys = bi(xs, initial_carry=((fwd.c, fwd.h), (bwd.c, bwd.h)))  # nnx.Bidirectional's (forward, backward)
+    (c_f, h_f), (c_b, h_b) = carry
+    assert rel_err(h_f, ys[:, -1, :5]) == 0.0 and rel_err(h_b, ys[:, 0, 5:]) == 0.0
+    carry_2, ys_2 = bi(xs, initial_carry=((fwd, bwd),))
+    assert rel_err(ys_2, ys) == 0.0 and rel_err(carry_2, carry) == 0.0
+
+
+def test_flax_call_options_batch_axes_and_dtypes(nnx):
+    from jax_lstm.nnx import LSTM
+
+    model = LSTM(D, 5, time_major=True, return_carry=True, rngs=nnx.Rngs(0))
+    xs = _arr(0, 2, 3, T, D)  # two batch axes
+    lengths = jnp.asarray([[6, 4, 1], [0, 2, 5]])
+    mask = jnp.asarray(np.random.default_rng(1).random((2, 3, T)) < 0.8)
+    resets = jnp.asarray(np.random.default_rng(2).random((2, 3, T)) < 0.2)
+    carry, ys = model(xs, seq_lengths=lengths, mask=mask, resets=resets, time_major=False)
+    assert ys.shape == (2, 3, T, 5) and carry.h.shape == (2, 3, 5)
+    flat = lambda a: a.reshape(6, *a.shape[2:])  # noqa: E731
+    carry_f, ys_f = model(
+        flat(xs), seq_lengths=lengths.reshape(6), mask=flat(mask), resets=flat(resets), time_major=False
+    )
+    assert rel_err(ys, ys_f.reshape(ys.shape)) == 0.0 and rel_err(carry.c.reshape(6, 5), carry_f.c) == 0.0
+    ys_tm = model(
+        jnp.moveaxis(xs, 2, 0),
+        seq_lengths=lengths,
+        mask=jnp.moveaxis(mask, 2, 0),
+        resets=jnp.moveaxis(resets, 2, 0),
+        return_carry=False,
+    )  # the constructor's time_major
+    assert rel_err(jnp.moveaxis(ys_tm, 0, 2), ys) == 0.0
+    one = model(xs[0, 0], return_carry=False)  # (T, D) unbatched
+    assert one.shape == (T, 5) and rel_err(one, model(xs[0, :1], time_major=False)[1][0]) == 0.0
+    ints = jnp.asarray(np.random.default_rng(3).integers(-2, 3, (B, T, D)), jnp.int32)  # promoted, as in Flax
+    y_int = model(ints, time_major=False, return_carry=False)
+    assert y_int.dtype == jnp.float32
+    assert rel_err(y_int, model(ints.astype(jnp.float32), time_major=False, return_carry=False)) == 0.0
+    half = LSTM.from_params(model.to_params(), dtype=jnp.bfloat16)
+    assert half(ints).dtype == jnp.bfloat16
+
+
+def test_flax_initializers_follow_flax(nnx, nn):
+    from jax_lstm import linen as jl
+    from jax_lstm.nnx import LSTM
+
+    def arange(key, shape, dtype):  # gate blocks are told apart by their values
+        return jnp.arange(np.prod(shape), dtype=dtype).reshape(shape) / 100
+
+    inits = dict(kernel_init=arange, recurrent_kernel_init=arange, bias_init=arange)
+    ours = LSTM(D, 5, rngs=nnx.Rngs(0), **inits).to_params()[0][0]
+    theirs = from_flax(nnx.state(nnx.OptimizedLSTMCell(D, 5, rngs=nnx.Rngs(0), **inits)))
+    assert rel_err(ours, theirs) == 0.0  # (D, 4H) in Flax's gate order; bias_init replaces forget_bias
+    xs = _arr(0, B, T, D, dtype="float32")
+    v = jl.LSTM(5, **inits).init(jax.random.PRNGKey(0), xs)
+    cell = nn.OptimizedLSTMCell(5, **inits)
+    v_r = cell.init(jax.random.PRNGKey(0), cell.initialize_carry(jax.random.PRNGKey(0), xs[:, 0].shape), xs[:, 0])
+    assert rel_err(jl.from_variables(v)[0][0], from_flax(v_r)) == 0.0  # per gate, as Linen's cell
+    # carry_init: the carry when none is given, as Flax's initialize_carry
+    ones = LSTM(D, 5, carry_init=nnx.initializers.ones, return_carry=True, rngs=nnx.Rngs(0))
+    c, h = ones.initialize_carry((B, D))
+    assert jnp.all(c == 1.0) and jnp.all(h == 1.0) and c.dtype == jnp.float32
+    assert rel_err(ones(xs)[1], ones(xs, initial_carry=(c, h))[1]) == 0.0
+
+
+def test_flax_step_matches_the_sequence_call(nnx, nn):
+    from jax_lstm import linen as jl
+    from jax_lstm.nnx import LSTM
+
+    xs = _arr(0, B, T, D)
+    model = LSTM(D, (5, 3), return_carry=True, rngs=nnx.Rngs(0))
+    carry, ys = model(xs)
+    step_carry = model.initialize_carry(xs[:, 0].shape)
+    assert jax.tree.map(jnp.shape, step_carry) == (((B, 5), (B, 5)), ((B, 3), (B, 3)))
+    step = nnx.jit(lambda m, c, x: m.step(c, x))
+    for t in range(T):
+        step_carry, y = step(model, step_carry, xs[:, t])
+        assert rel_err(y, ys[:, t]) < 1e-12
+    assert rel_err(step_carry, carry) < 1e-12
+    module = jl.LSTM((5, 3), return_carry=True)
+    variables = jl.to_variables(model.to_params())
+    step_carry = module.initialize_carry(jax.random.PRNGKey(0), xs[:, 0].shape)
+    linen_step = jax.jit(lambda v, c, x: module.apply(v, c, x, method="step"))
+    for t in range(T):
+        step_carry, y = linen_step(variables, step_carry, xs[:, t])
+        assert rel_err(y, ys[:, t]) < 1e-12
+    assert rel_err(step_carry, carry) < 1e-12
+    with pytest.raises(ValueError, match="step is for unidirectional modules"):
+        LSTM(D, 5, bidirectional=True, rngs=nnx.Rngs(0)).step(None, xs[:, 0])
+
+
+def test_flax_merge_fn_and_reverse(nnx):
+    from jax_lstm.layers import lstm_stack
+    from jax_lstm.nnx import LSTM
+
+    xs, lengths = _arr(0, B, T, D), jnp.asarray(LENGTHS)
+    with pytest.raises(ValueError, match="reverse=True is for unidirectional"):
+        LSTM(D, 5, bidirectional=True, reverse=True, rngs=nnx.Rngs(0))
+    model = LSTM(D, (5, 3), bidirectional=True, merge_fn=lambda f, b: f + b, rngs=nnx.Rngs(0))
+    uni = LSTM(D, 5, rngs=nnx.Rngs(0))
+    from jax_lstm import lstm
+
+    @nnx.jit
+    def run(model, uni):
+        ys = model(xs, seq_lengths=lengths)
+        ys_r, _ = lstm_stack(model.to_params(), xs, seq_lengths=lengths, time_major=False)
+        want, _ = lstm(uni.to_params()[0][0], xs, seq_lengths=lengths, reverse=True, time_major=False)
+        kept = uni(xs, seq_lengths=lengths, reverse=True, keep_order=True)
+        flags = dict(seq_lengths=lengths, mask=mask, resets=resets)  # flipped with the inputs
+        want_m, _ = lstm(uni.to_params()[0][0], xs, **flags, reverse=True, time_major=False)
+        kept_m = uni(xs, **flags, reverse=True, keep_order=True)
+        return ys, ys_r, want, kept, uni(xs, seq_lengths=lengths, reverse=True), want_m, kept_m
+
+    mask = jnp.asarray(np.random.default_rng(1).random((B, T)) < 0.7)
+    resets = jnp.asarray(np.random.default_rng(2).random((B, T)) < 0.3)
+    ys, ys_r, want, kept, processing, want_m, kept_m = run(model, uni)
+    assert rel_err(kept_m, want_m) < 1e-12
+    assert ys.shape == (B, T, 3) and rel_err(ys, ys_r[..., :3] + ys_r[..., 3:]) < 1e-12
+    # reverse: processing order (Flax's), keep_order: the inputs' order (= lstm's reverse=True)
+    assert rel_err(kept, want) < 1e-12
+    for b, n in enumerate(LENGTHS):
+        assert rel_err(processing[b, :n], want[b, :n][::-1]) < 1e-12
+        assert np.all(np.asarray(processing[b, n:]) == 0.0)
+
+
+def test_flax_resets_restore_reset_carry_against_the_oracle(nnx):
+    """Resets go back to reset_carry (zeros when None), per row, with batch axes, reverse and a bidirectional layer."""
+    from numpy_oracle import lstm_np
+
+    from jax_lstm.nnx import LSTM
+
+    rng = np.random.default_rng(0)
+    xs = _arr(0, 2, 2, T, D)  # batch axes (2, 2)
+    lengths = np.array([[6, 4], [1, 5]])
+    resets = rng.random((2, 2, T)) < 0.3
+    init, reset = [(_arr(1 + 2 * k, 2, 2, 5), _arr(2 + 2 * k, 2, 2, 5)) for k in range(2)]  # Flax's (c, h)
+    flat = lambda a: np.asarray(a).reshape(4, *np.shape(a)[2:])  # noqa: E731
+    kw = dict(seq_lengths=flat(lengths), resets=flat(resets), time_major=False)
+
+    uni = LSTM(D, 5, reverse=True, keep_order=True, return_carry=True, rngs=nnx.Rngs(0))
+    (p,) = uni.to_params()[0]
+    for rc in (reset, None):
+        carry, ys = uni(
+            xs, initial_carry=init, seq_lengths=jnp.asarray(lengths), resets=jnp.asarray(resets), reset_carry=rc
+        )
+        hr, cr = (None, None) if rc is None else (flat(rc[1]), flat(rc[0]))
+        hs, h, c = lstm_np(*p, flat(xs), flat(init[1]), flat(init[0]), hr=hr, cr=cr, reverse=True, **kw)
+        assert rel_err(ys.reshape(4, T, 5), hs) < 1e-12
+        assert rel_err(carry.h.reshape(4, 5), h) < 1e-12 and rel_err(carry.c.reshape(4, 5), c) < 1e-12
+
+    bi = LSTM(D, 5, bidirectional=True, return_carry=True, rngs=nnx.Rngs(1))
+    carry, ys = bi(
+        xs,
+        initial_carry=(init, init),
+        seq_lengths=jnp.asarray(lengths),
+        resets=jnp.asarray(resets),
+        reset_carry=(reset, None),
+    )  # forward resets to `reset`, backward to zeros
+    for k, (p, rc) in enumerate(zip(bi.to_params()[0], (reset, None), strict=True)):
+        hr, cr = (None, None) if rc is None else (flat(rc[1]), flat(rc[0]))
+        hs, h, c = lstm_np(*p, flat(xs), flat(init[1]), flat(init[0]), hr=hr, cr=cr, reverse=k == 1, **kw)
+        assert rel_err(ys.reshape(4, T, 10)[..., 5 * k : 5 * k + 5], hs) < 1e-12
+        assert rel_err(carry[k].h.reshape(4, 5), h) < 1e-12 and rel_err(carry[k].c.reshape(4, 5), c) < 1e-12
+
+
+def test_linen_reverse_gradients_match_flax(nn):
+    """Values and gradients of reverse=True (both orders) against nn.RNN(reverse=True), converted weights."""
+    from jax_lstm.linen import LSTM, to_variables
+
+    xs, lengths = _arr(0, B, T, D), jnp.asarray(LENGTHS)
+    valid = _valid()[..., None]
+    cell = nn.OptimizedLSTMCell(5, param_dtype=jnp.float64)
+    v_r = _perturb(cell.init(jax.random.PRNGKey(1), cell.initialize_carry(jax.random.PRNGKey(0), (B, D)), xs[:, 0]), 2)
+    v = to_variables(((from_flax(v_r),),))
+    ct = _arr(3, B, T, 5) * valid
+    for keep_order in (False, True):
+        ours = LSTM(5, reverse=True, keep_order=keep_order)
+        theirs = nn.RNN(nn.OptimizedLSTMCell(5, param_dtype=jnp.float64), reverse=True, keep_order=keep_order)
+
+        @jax.jit
+        def grads(v, v_r, xs, ours=ours, theirs=theirs):
+            y, pull = jax.vjp(lambda v, x: ours.apply(v, x, seq_lengths=lengths), v, xs)
+            y_r, pull_r = jax.vjp(
+                lambda v, x: theirs.apply({"params": {"cell": v["params"]}}, x, seq_lengths=lengths), v_r, xs
+            )
+            return y, y_r, pull(ct), pull_r(ct)
+
+        y, y_r, (g_v, g_x), (g_vr, g_xr) = grads(v, v_r, xs)
+        assert rel_err(y, y_r * valid) < 1e-10
+        assert rel_err(g_x, g_xr) < 1e-10
+        assert rel_err(g_v["params"]["stack"][0][0], from_flax(g_vr)) < 1e-10
+
+
+# --------------------------------------------------------------------------- Equinox: (h, c) tuples, step, resets
+
+
+def test_eqx_plain_tuples_step_and_resets(eqx):
+    from jax_lstm.eqx import LSTM
+
+    model = LSTM(D, 5, key=jax.random.PRNGKey(0))
+    xs, h0, c0 = _arr(0, T, D), _arr(1, 5), _arr(2, 5)
+    ys, state = model(xs, (h0, c0))  # Equinox's own (h, c)
+    assert isinstance(state, LSTMState)
+    ys_2, state_2 = model(xs, LSTMState(h=h0, c=c0))
+    assert rel_err(ys, ys_2) == 0.0 and rel_err(state, state_2) == 0.0
+    s = (h0, c0)
+    for t in range(T):  # as state = cell(x_t, state)
+        s = model.step(xs[t], s)
+        assert rel_err(s.h, ys[t]) < 1e-12
+    assert rel_err(s, state) < 1e-12
+    cell = to_equinox(model.to_params()[0][0])
+    assert rel_err(model.step(xs[0], (h0, c0)), LSTMState(*cell(xs[0], (h0, c0)))) < 1e-12
+    two = LSTM(D, (5, 3), key=jax.random.PRNGKey(1))
+    plain = (((_arr(3, 5), _arr(4, 5)),), ((_arr(5, 3), _arr(6, 3)),))
+    named = tuple((LSTMState(*layer[0]),) for layer in plain)
+    assert rel_err(two(xs, plain), two(xs, named)) == 0.0
+
+
+def test_eqx_resets_to_reset_state_per_example(eqx):
+    """Each example resets to its own reset_state (zeros by default), against the NumPy oracle."""
+    from numpy_oracle import lstm_np
+
+    from jax_lstm.eqx import LSTM
+
+    model = LSTM(D, 5, key=jax.random.PRNGKey(0))
+    xs, lengths = _arr(0, B, T, D), jnp.asarray(LENGTHS)
+    init = (_arr(1, B, 5), _arr(2, B, 5))  # Equinox's (h, c)
+    reset = LSTMState(_arr(3, B, 5), _arr(4, B, 5))
+    resets = jnp.asarray(np.random.default_rng(5).random((B, T)) < 0.3)
+
+    @jax.jit
+    def run(xs, init, resets, reset):
+        with_state = jax.vmap(lambda x, n, s, r, rs: model(x, s, seq_length=n, resets=r, reset_state=rs))
+        zeros = jax.vmap(lambda x, n, s, r: model(x, s, seq_length=n, resets=r))
+        return with_state(xs, lengths, init, resets, reset), zeros(xs, lengths, init, resets)
+
+    (ys, final), (ys_z, final_z) = run(xs, init, resets, reset)
+    p = model.to_params()[0][0]
+    kw = dict(seq_lengths=LENGTHS, resets=np.asarray(resets), time_major=False)
+    hs, h, c = lstm_np(*p, xs, *init, hr=reset.h, cr=reset.c, **kw)
+    assert rel_err(ys, hs) < 1e-12 and rel_err(final, LSTMState(h, c)) < 1e-12
+    hs, h, c = lstm_np(*p, xs, *init, **kw)
+    assert rel_err(ys_z, hs) < 1e-12 and rel_err(final_z, LSTMState(h, c)) < 1e-12
 
 
 # --------------------------------------------------------------------------- optional dependencies

@@ -81,7 +81,7 @@ def test_skipped_inputs_reach_no_output_and_no_gradient(value, reverse, time_maj
         hs, _ = lstm_stack(params, lay(x), impl=impl, **skw)
         return jnp.sum(hs**2)
 
-    for impl in ("manual", "ref"):
+    for impl in ("manual", "autodiff"):
         gd = jax.jit(jax.grad(stack_loss, argnums=(0, 1)), static_argnums=2)(stack, dirty, impl)
         gc = jax.jit(jax.grad(stack_loss, argnums=(0, 1)), static_argnums=2)(stack, clean, impl)
         for a, b in zip(jax.tree.leaves(gd), jax.tree.leaves(gc), strict=True):
@@ -216,3 +216,56 @@ def test_size_arguments_refuse_non_ints(bad):
         init_stack(key, 3, [4, bad])
     with pytest.raises(ValueError, match="hidden_size"):
         zeros_state(2, bad)
+
+
+@pytest.mark.parametrize("bad", [True, 2.5, 0])
+def test_module_sizes_refuse_non_ints(bad):
+    nnx = pytest.importorskip("flax.nnx")
+    eqx = pytest.importorskip("equinox")
+    import jax_lstm.eqx as jeqx
+    import jax_lstm.nnx as jnnx
+
+    del eqx
+    with pytest.raises((ValueError, TypeError), match="in_features"):
+        jnnx.LSTM(bad, 4, rngs=nnx.Rngs(0))
+    with pytest.raises((ValueError, TypeError), match="hidden_features"):
+        jnnx.LSTM(3, bad, rngs=nnx.Rngs(0))
+    with pytest.raises((ValueError, TypeError), match="input_size"):
+        jeqx.LSTM(bad, 4, key=jax.random.PRNGKey(0))
+
+
+def test_modules_skip_poisoned_padding():
+    """NaN and Inf in padded steps reach no gradient through the Flax NNX, Linen and Equinox modules."""
+    nnx = pytest.importorskip("flax.nnx")
+    pytest.importorskip("equinox")
+    import jax_lstm.eqx as jeqx
+    import jax_lstm.linen as jlinen
+    import jax_lstm.nnx as jnnx
+
+    rng = np.random.default_rng(9)
+    xs = rng.normal(size=(B, T, D))  # batch-major, as the Flax modules take it
+    lengths = np.array([2, T, 1])
+    pad = np.arange(T)[None, :] >= lengths[:, None]
+    xs[pad] = np.nan
+    xs[0, -1] = np.inf
+    xs = jnp.asarray(xs)
+    lengths = jnp.asarray(lengths, jnp.int32)
+
+    model = jnnx.LSTM(D, H, bidirectional=True, rngs=nnx.Rngs(0))
+    g = nnx.grad(lambda m, x: jnp.sum(m(x, seq_lengths=lengths) ** 2), argnums=(0, 1))(model, xs)
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(nnx.state(g[0])))
+    assert np.all(np.asarray(g[1])[pad] == 0) and np.all(np.isfinite(np.asarray(g[1])))
+
+    lin = jlinen.LSTM(H)
+    variables = lin.init(jax.random.PRNGKey(0), jnp.zeros((B, T, D)))
+    gl = jax.grad(lambda v, x: jnp.sum(lin.apply(v, x, seq_lengths=lengths) ** 2), argnums=(0, 1))(variables, xs)
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(gl))
+
+    em = jeqx.LSTM(D, H, key=jax.random.PRNGKey(1))
+
+    def eloss(m, x):
+        out = jax.vmap(lambda xi, li: m(xi, seq_length=li)[0])(x, lengths)
+        return jnp.sum(out**2)
+
+    ge = jax.grad(lambda x: eloss(em, x))(xs)
+    assert np.all(np.isfinite(np.asarray(ge))) and np.all(np.asarray(ge)[pad] == 0)

@@ -134,7 +134,7 @@ def test_lstm_stack_under_vmap_over_examples():
         return f
 
     g = jax.grad(lambda p: jnp.sum(jax.vmap(per("manual"), in_axes=(None, 0, 0))(p, xs, lengths)))(params)
-    g_ref = jax.grad(lambda p: jnp.sum(jax.vmap(per("ref"), in_axes=(None, 0, 0))(p, xs, lengths)))(params)
+    g_ref = jax.grad(lambda p: jnp.sum(jax.vmap(per("autodiff"), in_axes=(None, 0, 0))(p, xs, lengths)))(params)
     assert _rel(g, g_ref) < 1e-10
 
 

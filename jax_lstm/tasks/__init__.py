@@ -7,9 +7,9 @@ with its data, head, loss and validation metric.
 from __future__ import annotations
 
 from jax_lstm.tasks import addition, charlm, sine
-from jax_lstm.tasks.base import Task
+from jax_lstm.tasks.base import GRADS, Task
 
-__all__ = ["TASKS", "DEFAULT_TASK", "get_task", "Task"]
+__all__ = ["TASKS", "DEFAULT_TASK", "GRADS", "get_task", "Task"]
 
 TASKS: dict[str, Task] = {t.name: t for t in (charlm.TASK, addition.TASK, sine.TASK)}
 DEFAULT_TASK = "charlm"

@@ -29,14 +29,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jax_lstm.bptt import lstm
 from jax_lstm.cell import LSTMState
-from jax_lstm.layers import init_stack, lstm_stack
-from jax_lstm.reference import lstm_ref
+from jax_lstm.layers import IMPLS, init_stack, lstm_stack
 
 __all__ = [
     "Task",
     "LSTMFn",
+    "GRADS",
     "init_dense",
     "dense",
     "hidden_sizes",
@@ -48,7 +47,10 @@ __all__ = [
 
 # lstm or lstm_ref: which LSTM the stack runs (the hand-written BPTT or autodiff through lax.scan)
 LSTMFn = Callable[..., tuple[jax.Array, LSTMState]]
-_IMPL = {lstm: "manual", lstm_ref: "ref"}
+# The one table of the two implementations (``jax_lstm.layers.IMPLS``), by the names ``--grad`` and
+# ``lstm_stack(impl=...)`` take: the hand-written BPTT, or autodiff through lax.scan (the oracle).
+GRADS: dict[str, LSTMFn] = IMPLS
+_STACK_IMPL = {fn: name for name, fn in IMPLS.items()}  # the name of each function
 
 
 class Task:
@@ -185,7 +187,7 @@ def run_stack(lstm_fn: LSTMFn, params, xs_bm: jax.Array, states0=None, *, config
     """Run the LSTM stack on batch-major inputs.
 
     Args:
-      lstm_fn: ``lstm`` (hand-written BPTT: ``impl="manual"``) or ``lstm_ref`` (``impl="ref"``).
+      lstm_fn: a value of ``GRADS``: ``lstm`` (hand-written BPTT) or ``lstm_ref`` (autodiff).
       params: ``StackParams``.
       xs_bm: (B, T, D) inputs, batch-major.
       states0: the stack's initial state, or None for zeros.
@@ -197,11 +199,11 @@ def run_stack(lstm_fn: LSTMFn, params, xs_bm: jax.Array, states0=None, *, config
     Returns:
       ``(hs, final_states)`` with hs: (T, B, H_out), time-major.
     """
-    if lstm_fn not in _IMPL:
+    if lstm_fn not in _STACK_IMPL:
         raise ValueError(f"lstm_fn must be jax_lstm.lstm or jax_lstm.lstm_ref, got {lstm_fn!r}")
     if key is not None and config is not None:
         kwargs["key"] = key[0]
         kwargs["dropout"] = float(config.layer_dropout)
         if float(config.recurrent_dropout) > 0:
             kwargs["recurrent_dropout"] = float(config.recurrent_dropout)
-    return lstm_stack(params, jnp.swapaxes(xs_bm, 0, 1), states0, impl=_IMPL[lstm_fn], **kwargs)
+    return lstm_stack(params, jnp.swapaxes(xs_bm, 0, 1), states0, impl=_STACK_IMPL[lstm_fn], **kwargs)
