@@ -273,22 +273,29 @@ def _ints(s: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``jax-lstm bench --rl``."""
+    from jax_lstm.cli import nonneg_int, positive_int
+
     ap = argparse.ArgumentParser(prog="jax-lstm bench --rl", description=__doc__.split("\n\n")[0])
     ap.add_argument("--envs", type=_ints, default=list(ENVS), help="env counts of the PPO update (default 4,16,64)")
     ap.add_argument("--batch", type=_ints, default=list(BATCHES), help="B of the training pass (default 4,16,64)")
-    ap.add_argument("--num-steps", type=int, default=T, help=f"rollout length T (default {T})")
-    ap.add_argument("--hidden", type=int, default=H, help=f"H (default {H})")
+    ap.add_argument("--num-steps", type=positive_int, default=T, help=f"rollout length T (default {T})")
+    ap.add_argument("--hidden", type=positive_int, default=H, help=f"H (default {H})")
     ap.add_argument(
         "--unroll", type=_ints, default=list(UNROLLS), help="unrolls of the training pass to try (default 1,4)"
     )
-    ap.add_argument("--reps", type=int, default=10, help="timed rounds of the PPO updates (default 10)")
-    ap.add_argument("--pass-reps", type=int, default=30, help="timed rounds of the training passes (default 30)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing (default 2)")
+    ap.add_argument("--reps", type=positive_int, default=10, help="timed rounds of the PPO updates (default 10)")
+    ap.add_argument(
+        "--pass-reps", type=positive_int, default=30, help="timed rounds of the training passes (default 30)"
+    )
+    ap.add_argument("--warmup", type=nonneg_int, default=2, help="untimed rounds before timing (default 2)")
     ap.add_argument("--no-ppo", action="store_true", help="leave out the PPO update")
     ap.add_argument("--no-pass", action="store_true", help="leave out the training pass alone")
     ap.add_argument("--quick", action="store_true", help="a tiny smoke run: 4 envs, B = 4, T = H = 16, 2 rounds")
     ap.add_argument("--json", metavar="FILE", help="write the report as JSON")
     args = ap.parse_args(argv)
+    bad = [n for n in args.envs if n > 4 and n % 4]
+    if bad:
+        ap.error(f"--envs: an env count above 4 must be a multiple of the 4 minibatches, got {bad}")
     if args.quick:
         args.envs, args.batch, args.num_steps, args.hidden = [4], [4], 16, 16
         args.reps, args.pass_reps, args.warmup, args.unroll = 2, 2, 1, [1, 2]
