@@ -16,7 +16,7 @@ gymnax = pytest.importorskip("gymnax")
 
 from jax_lstm import rl  # noqa: E402
 
-H, B, T, D = 8, 4, 40, 5
+H, B, T, D = 8, 4, 40, 8
 
 
 def _close(a, b, tol=2e-6):
@@ -102,3 +102,19 @@ def test_bad_config_is_refused():
         rl.PPOConfig(core="gru")
     with pytest.raises(ValueError, match="multiple"):
         rl.PPOConfig(num_envs=6, num_minibatches=4)
+
+
+def test_the_linen_module_in_purejaxrls_line_equals_our_core():
+    """``ScannedRNN()(hidden, (x, dones))`` -> ``jax_lstm.linen.LSTM(...)(x, initial_carry=hidden, resets=dones)``."""
+    import jax_lstm.linen
+
+    xs, resets, h, c = _problem(2)
+    module = jax_lstm.linen.LSTM(H, time_major=True, return_carry=True)
+    hidden = (c, h)  # a carried, non-zero carry in Flax's order, as nn.OptimizedLSTMCell makes it
+    variables = module.init(jax.random.PRNGKey(4), xs, initial_carry=hidden, resets=resets)
+    (c_T, h_T), ys = module.apply(variables, xs, initial_carry=hidden, resets=resets)
+    ((params,),) = jax_lstm.linen.from_variables(variables)
+    (h_ours, c_ours), ys_ours = rl.LSTMCore(H, H).apply({"params": {"lstm": params}}, rl.LSTMState(h, c), xs, resets)
+    _close(ys, ys_ours, 0)
+    _close(c_T, c_ours, 0)
+    _close(h_T, h_ours, 0)
