@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 $(STAMP_DEV): pyproject.toml $(STAMP)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,rl]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 

@@ -1,9 +1,10 @@
 """``jax-lstm bench``: the hand-written BPTT against autodiff, Flax and PyTorch.
 
 ``timing`` holds the one interleaved timing loop every benchmark uses and ``render`` the two kinds of
-table they print; ``layer`` (the layer rows), ``models`` (``--models``) and ``options``
-(``--options``) are one benchmark each, ``variant`` the compiled layer train step the layer and
-option rows share, ``plot`` the layer rows' PNG and ``command`` the ``jax-lstm bench`` command.
+table they print; ``layer`` (the layer rows), ``models`` (``--models``), ``options`` (``--options``)
+and ``rl`` (``--rl``, imported only then: it needs gymnax and flax) are one benchmark each;
+``variant`` is the compiled layer train step the layer and option rows share, ``plot`` the layer
+rows' PNG and ``command`` the ``jax-lstm bench`` command.
 """
 
 from __future__ import annotations

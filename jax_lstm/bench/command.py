@@ -1,6 +1,6 @@
 """``jax-lstm bench``: the hand-written BPTT against autodiff, Flax and PyTorch.
 
-The command's flags, the choice of benchmark (the layer rows, ``--models`` or ``--options``), the
+The command's flags, the choice of benchmark (the layer rows, ``--models``, ``--options`` or ``--rl``), the
 shapes and repetitions each runs at, and the report: a table on stdout with the ratios the
 performance targets are stated in, ``--json FILE`` and ``--plot FILE`` (PNG, the layer rows).
 """
@@ -117,11 +117,19 @@ def _parser() -> argparse.ArgumentParser:
         help="instead: the train step of lstm and lstm_ref with a mask, resets, recurrent dropout, batch-major "
         "input and under vmap, against the plain layer",
     )
+    ap.add_argument("--rl", action="store_true", help="instead: recurrent PPO, ours against Flax (--rl --help)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``jax-lstm bench``."""
+    rest = list(sys.argv[1:] if argv is None else argv)
+    if "--rl" in rest:  # its own flags: jax_lstm.bench.rl
+        try:
+            from jax_lstm.bench import rl
+        except ImportError as e:
+            raise SystemExit(f"jax-lstm bench: error: {e}") from e
+        return rl.main([a for a in rest if a != "--rl"])
     ap = _parser()
     args = ap.parse_args(argv)
     rows = args.models or args.options  # only those rows: no peak, unrolls, memory comparison or plot
