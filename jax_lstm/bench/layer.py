@@ -21,6 +21,7 @@ than 15% the machine was busy and the run is flagged as noisy).
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -84,15 +85,20 @@ def jax_variant(fn: Callable, shape: Shape, unroll: int, impl: str, seed: int = 
     return compiled_variant(impl, unroll, loss, lambda p_, xs_: fn(p_, xs_, unroll=unroll), p, xs, ws)
 
 
-def flax_variant(shape: Shape, seed: int = 0) -> Variant | None:
-    """``flax.linen.RNN(OptimizedLSTMCell)``, time-major, or None if flax is not importable."""
+def _optional(name: str):
+    """The module ``name``, or None if it cannot be imported."""
     try:
-        import flax.linen as nn
+        return importlib.import_module(name)
     except Exception:  # noqa: BLE001 - optional
         return None
-    T, B, D, H = shape
+
+
+def flax_variant(shape: Shape, seed: int = 0) -> Variant | None:
+    """``flax.linen.RNN(OptimizedLSTMCell)``, time-major, or None if flax is not importable."""
+    if (nn := _optional("flax.linen")) is None:
+        return None
     _, xs, ws = problem(shape, seed)
-    model = nn.RNN(nn.OptimizedLSTMCell(H), time_major=True, return_carry=True)
+    model = nn.RNN(nn.OptimizedLSTMCell(shape[3]), time_major=True, return_carry=True)
     xs, ws = jax.device_put((xs, ws))
     variables = model.init(jax.random.PRNGKey(seed), xs)
 
@@ -105,9 +111,7 @@ def flax_variant(shape: Shape, seed: int = 0) -> Variant | None:
 
 def torch_variant(shape: Shape, seed: int = 0) -> Variant | None:
     """``torch.nn.LSTM`` on the CPU (oneDNN), float32, or None if torch is not importable."""
-    try:
-        import torch
-    except Exception:  # noqa: BLE001 - optional
+    if (torch := _optional("torch")) is None:
         return None
     T, B, D, H = shape
     _, xs, ws = problem(shape, seed)

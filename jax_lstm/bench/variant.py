@@ -100,14 +100,8 @@ def bench_shape(
     ``reps`` (or, if None, as many as fit in ``seconds``, within [min_reps, max_reps])
     repetitions follow ``warmup`` untimed ones; see ``timing.interleave``.
     """
-    timings = interleave(
-        {v.name: (v.fwd, v.train) for v in variants},
-        warmup=warmup,
-        reps=reps,
-        seconds=seconds,
-        min_reps=min_reps,
-        max_reps=max_reps,
-    )
+    steps = {v.name: (v.fwd, v.train) for v in variants}
+    timings = interleave(steps, warmup=warmup, reps=reps, seconds=seconds, min_reps=min_reps, max_reps=max_reps)
     f_fwd, f_train = matmul_flops(shape)
     out = []
     for v in variants:
