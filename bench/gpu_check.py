@@ -114,7 +114,8 @@ def check(dry: bool) -> list[dict]:
     }
     impls = {"scan": lstm}
     if pallas_lstm is not None and _pallas_fits(H, "float32"):
-        impls["pallas"] = lambda *a, **k: pallas_lstm.lstm_pallas(*a, interpret=dry, **k)
+        highest = jax.lax.Precision.HIGHEST  # the in-kernel matmuls too
+        impls["pallas"] = lambda *a, **k: pallas_lstm.lstm_pallas(*a, interpret=dry, precision=highest, **k)
     results = []
     p, xs, s0, w = _problem(T, B, D, H, "float32", seed=2)
     with jax.default_matmul_precision("highest"):

@@ -26,7 +26,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert report["dry_run"] and report["checks"]
     assert all(r["ok"] for r in report["checks"]), report["checks"]
     timed = {(r["impl"], r["dtype"]) for r in report["timings"] if "ms" in r}
-    assert {("scan", "float32"), ("scan", "bfloat16"), ("autodiff", "float32")} <= timed
+    assert {("scan", "float32"), ("scan", "bfloat16"), ("autodiff", "float32"), ("pallas", "float32")} <= timed
+    assert {r["impl"] for r in report["checks"]} == {"scan", "pallas"}
     assert not [r for r in report["timings"] if "error" in r], report["timings"]
     assert {r["skipped"] for r in report["timings"] if r["impl"] == "cudnn"} == {"cuDNN only"}
     table = (tmp_path / "gpu_check.md").read_text()
