@@ -219,3 +219,27 @@ def test_h100_kernels_do_not_spill_registers(tmp_path):
     assert sorted({e for e, _, _ in reports}) == ["lstm_pallas_bwd", "lstm_pallas_fwd"]
     assert len(reports) == 4  # two sizes, each a forward and a backward kernel
     assert all(s == [0, 0, 0] for _, _, s in reports), reports
+
+
+# ------------------------------------------------------------------------------------------- lstm(impl=)
+
+
+def test_lstm_impl_pallas_is_explicit_and_never_runs_on_the_cpu():
+    p, xs, s0, _ = _problem(jnp.float32)
+    with pytest.raises(ValueError, match="interpret"):  # Pallas's own refusal to lower for the CPU
+        jax.jit(lambda p, xs: lstm(p, xs, s0, impl="pallas"))(p, xs)
+    with pytest.raises(ValueError, match="impl must be"):
+        lstm(p, xs, impl="cudnn")
+    with pytest.raises(ValueError, match="default activations"):
+        lstm(p, xs, impl="pallas", gate_fn=jax.nn.hard_sigmoid)
+
+
+def test_lstm_impl_pallas_compiles_to_the_fused_kernels():
+    mesh = h100_mesh()
+    p = init_params(jax.random.PRNGKey(0), 64, 64, dtype=jnp.float32)
+
+    def loss(p, xs):
+        return jnp.sum(lstm(p, xs, impl="pallas", seq_lengths=jnp.full((32,), 50))[0])
+
+    hlo = compile_for(mesh, jax.grad(loss), p, jnp.ones((100, 32, 64), jnp.float32)).as_text()
+    assert custom_calls(hlo)["__gpu$xla.gpu.triton"] == 2 and not loop_kernels(hlo)
