@@ -35,9 +35,9 @@ def _problem(dtype, seed=0, time_major=True, H=H):
     return p, xs, s0, w
 
 
-def _value_and_grad(fn, kw, w):
+def _value_and_grad(fn, kw, w, reset_state=True):
     def loss(p, xs, s0, rs):
-        extra = {"reset_state": rs} if "resets" in kw else {}
+        extra = {"reset_state": rs} if "resets" in kw and reset_state else {}
         hs, (h, c) = fn(p, xs, s0, **kw, **extra)
         f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
         return jnp.sum(f32(hs) * w) + jnp.sum(f32(h) * w[0, : h.shape[0]]) + jnp.sum(f32(c) * w[-1, : c.shape[0]])
@@ -65,7 +65,7 @@ def _flags(time_major, seed=4):
 
 _CASES = [
     ("plain", True, {}),
-    ("lengths, reverse, batch-major", False, {"seq_lengths": np.array([T, 2, 0]), "reverse": True}),
+    ("lengths, resets to zeros, reverse, batch-major", False, {"seq_lengths": [T, 2, 0], "resets": 1, "reverse": True}),
     ("mask, resets to reset_state, recurrent dropout", True, {"mask": 0, "resets": 1, "recurrent_dropout": 0.3}),
 ]
 
@@ -82,8 +82,9 @@ def test_matches_lstm_ref_float64(name, time_major, opts):
     if "recurrent_dropout" in kw:
         kw["key"] = jax.random.PRNGKey(7)
     rs = LSTMState(s0.c[::-1], s0.h[::-1])  # a reset state unlike state0
-    got = _value_and_grad(_interpreted, kw, w)(p, xs, s0, rs)
-    want = _value_and_grad(lstm_ref, kw, w)(p, xs, s0, rs)
+    with_rs = "seq_lengths" not in kw  # one case resets to zeros (no reset_state)
+    got = _value_and_grad(_interpreted, kw, w, with_rs)(p, xs, s0, rs)
+    want = _value_and_grad(lstm_ref, kw, w, with_rs)(p, xs, s0, rs)
     assert _rel(jax.tree.leaves(got), jax.tree.leaves(want)) < 1e-12
 
 
