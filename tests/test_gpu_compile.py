@@ -26,8 +26,9 @@ T, B, D, H = 8, 8, 16, 32
 def _report(tmp_path, name, compiled, n_steps=T):
     """Kernels per step of every loop of ``compiled``; asserts the time loops are there."""
     loops = loop_kernels(compiled.as_text())
-    record = {"case": name, "loops": loops}
-    (tmp_path / "kernels.json").write_text(json.dumps(record, indent=1))
+    path = tmp_path / "kernels.json"  # one record per compile of the test
+    records = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps([*records, {"case": name, "loops": loops}], indent=1))
     print(
         f"\n{name}: " + "; ".join(f"{lp['loop']} x{lp['trip_count']}: {lp['per_step']} {lp['kinds']}" for lp in loops)
     )
@@ -238,3 +239,46 @@ def test_charlm_train_step_compiles(tmp_path):
     batch = {**task.train_batch(data, config, 0, state.key), "carry": state.carry}
     step = make_train_step(task, optimizer, lstm, config)
     _report(tmp_path, "charlm train step", compile_for(mesh, step, state.params, state.opt_state, batch))
+
+
+_HLO = """
+%gemm_fusion_dot.1_computation (p0: f32[8,32], p1: f32[32,128]) -> f32[8,128] {
+  ROOT %dot.1 = f32[8,128]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (arg: (s32[], f32[8,32])) -> (s32[], f32[8,32]) {
+  %arg = (s32[], f32[8,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %h = f32[8,32]{1,0} get-tuple-element(%arg), index=1
+  %w = f32[32,128]{1,0} constant({...})
+  %gemm_fusion_dot.1 = f32[8,128]{1,0} fusion(%h, %w), kind=kCustom, calls=%gemm_fusion_dot.1_computation
+  %loop_fusion = (f32[8,32]{1,0}, s32[]) fusion(%gemm_fusion_dot.1, %i), kind=kLoop, calls=%fused
+  %copy.1 = f32[8,32]{1,0} copy(%h)
+  %cc = f32[8,32]{1,0} custom-call(%copy.1), custom_call_target="__gpu$xla.gpu.triton"
+  ROOT %t = (s32[], f32[8,32]{1,0}) tuple(%i, %cc)
+}
+
+%cond (arg.1: (s32[], f32[8,32])) -> pred[] {
+  %arg.1 = (s32[], f32[8,32]{1,0}) parameter(0)
+  ROOT %lt = pred[] fusion(%arg.1), kind=kLoop, calls=%fused_lt
+}
+
+ENTRY %main (x: f32[8,32]) -> f32[8,32] {
+  %x = f32[8,32]{1,0} parameter(0)
+  %init = (s32[], f32[8,32]{1,0}) tuple(%zero, %x)
+  %while.3 = (s32[], f32[8,32]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %out = f32[8,32]{1,0} get-tuple-element(%while.3), index=1
+}
+"""
+
+
+def test_loop_kernels_counts_the_launches_of_a_loop_body():
+    # runs everywhere: the HLO reader needs no plugin
+    (loop,) = loop_kernels(_HLO)
+    assert loop == {
+        "loop": "while.3",
+        "per_step": 4,
+        "kinds": {"copy": 1, "custom-call:__gpu$xla.gpu.triton": 1, "fusion": 1, "gemm": 1},
+        "condition": 1,
+        "trip_count": 5,
+    }
