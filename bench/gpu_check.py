@@ -44,8 +44,10 @@ from jax_lstm import LSTMState, init_params, lstm, lstm_ref  # noqa: E402
 
 try:
     from jax_lstm import pallas_lstm
-except ImportError:  # a checkout without the Pallas path
-    pallas_lstm = None
+
+    PALLAS_WHY = None
+except Exception as e:  # noqa: BLE001 - a checkout without the Pallas path, or a jax whose Pallas differs
+    pallas_lstm, PALLAS_WHY = None, f"{type(e).__name__}: {e}"[:300]
 
 # (T, B, H), D = H: a subset of DeepBench's LSTM training shapes that fits the time budget
 SHAPES = [
@@ -322,7 +324,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     log = lambda s: print(s, flush=True)  # noqa: E731
     device = str(jax.devices()[0].device_kind)
-    log(f"device {device}, jax {jax.__version__}, Pallas path: {pallas_lstm is not None}")
+    log(f"device {device}, jax {jax.__version__}, Pallas path: {PALLAS_WHY or 'yes'}")
     try:
         checks = check(dry)
     except Exception:  # noqa: BLE001 - the timings still run
@@ -338,6 +340,7 @@ def main(argv=None) -> int:
         "backend": jax.default_backend(),
         "dry_run": dry,
         "versions": _versions(),
+        "pallas_import_error": PALLAS_WHY,
         "checks": checks,
         "timings": timings,
         "seconds": time.perf_counter() - t0,
