@@ -34,6 +34,7 @@ from jax_lstm.layers import init_stack, lstm_stack, stack_sizes
 
 __all__ = [
     "LSTMCarry",
+    "step_inputs",
     "hidden_sizes",
     "check_rate",
     "layout",
@@ -452,3 +453,12 @@ def run_stack(
     hs = jnp.moveaxis(hs.reshape(T, *batch_shape, hs.shape[-1]), 0, t_axis)
     finals = _states_map(lambda a: a.reshape(*batch_shape, a.shape[-1]), finals)
     return write_carry(finals, style), hs
+
+
+def step_inputs(bidirectional: bool, x_t) -> jax.Array:
+    """The input of a module's ``step``, x_t: (*batch, D), as a sequence of one step: (1, *batch, D)."""
+    if bidirectional:
+        raise ValueError("step is for unidirectional modules: a bidirectional layer needs the whole sequence")
+    if not hasattr(x_t, "ndim") or x_t.ndim < 1:
+        raise ValueError(f"x_t has shape {getattr(x_t, 'shape', None)}, expected (*batch, D)")
+    return jnp.asarray(x_t)[None]

@@ -66,6 +66,7 @@ def lstm(
     time_major=True,
     gate_fn=jax.nn.sigmoid,
     activation_fn=jnp.tanh,
+    impl="scan",
 ):
     """Run an LSTM layer over a sequence; gradients by hand-written BPTT.
 
@@ -107,6 +108,10 @@ def lstm(
         sigmoid). The backward evaluates its derivative at the pre-activations.
       activation_fn: element-wise activation of the candidate g and of c_t in
         h_t = o * activation_fn(c_t) (static; default tanh).
+      impl: ``"scan"`` (default: the loops below, on any platform) or ``"pallas"``:
+        ``jax_lstm.pallas_lstm.lstm_pallas``, one fused kernel per direction, on a GPU only, for
+        float32 H <= 64 and bfloat16 H <= 128 with the default activations (``unroll`` is
+        ignored). Nothing picks ``"pallas"`` by itself; on the CPU it fails to lower.
 
     Returns:
       ``(hs, LSTMState(h, c))`` with hs: (T, B, H) ((B, T, H) batch-major), h, c: (B, H).
@@ -127,6 +132,23 @@ def lstm(
       ValueError, TypeError: at trace time, naming the bad argument and the
         shapes involved.
     """
+    if impl != "scan":
+        return _other_impl(
+            impl,
+            params,
+            xs,
+            state0,
+            gate_fn,
+            activation_fn,
+            seq_lengths=seq_lengths,
+            mask=mask,
+            resets=resets,
+            reset_state=reset_state,
+            recurrent_dropout=recurrent_dropout,
+            key=key,
+            reverse=reverse,
+            time_major=time_major,
+        )
     a = prepare(
         params,
         xs,
@@ -152,6 +174,17 @@ def lstm(
         hs, h, c = _folded_core(_Static(bool(reverse), int(unroll), gate_fn, activation_fn))(*args)
     hs = hs.astype(dtype)
     return (hs if time_major else jnp.swapaxes(hs, 0, 1)), LSTMState(h.astype(dtype), c.astype(dtype))
+
+
+def _other_impl(impl, params, xs, state0, gate_fn, activation_fn, **kw):
+    """``lstm`` by another implementation of the same contract: ``"pallas"``, the fused kernels."""
+    if impl != "pallas":
+        raise ValueError(f"impl must be 'scan' or 'pallas', got {impl!r}")
+    if not is_default(gate_fn, activation_fn):
+        raise ValueError("impl='pallas' fuses the default activations only (sigmoid gates, tanh)")
+    from jax_lstm.pallas_lstm import lstm_pallas
+
+    return lstm_pallas(params, xs, state0, **kw)
 
 
 # --------------------------------------------------------------------------------------------------

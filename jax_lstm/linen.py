@@ -37,6 +37,7 @@ from jax_lstm._modules import (
     init_module_stack,
     make_carry,
     run_stack,
+    step_inputs,
     write_carry,
 )
 
@@ -234,12 +235,8 @@ class LSTM(nn.Module):
         form (None: ``carry_init``, zeros by default); x_t: (*batch, D); y_t:
         (*batch, H_L), the last layer's h.
         """
-        if self.bidirectional:
-            raise ValueError("step is for unidirectional modules: a bidirectional layer needs the whole sequence")
-        if not hasattr(x_t, "ndim") or x_t.ndim < 1:
-            raise ValueError(f"x_t has shape {getattr(x_t, 'shape', None)}, expected (*batch, D)")
         carry, ys = self(
-            jnp.asarray(x_t)[None],
+            step_inputs(self.bidirectional, x_t),
             initial_carry=carry,
             return_carry=True,
             time_major=True,

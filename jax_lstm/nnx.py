@@ -35,6 +35,7 @@ from jax_lstm._modules import (
     make_carry,
     raw_key,
     run_stack,
+    step_inputs,
     write_carry,
 )
 from jax_lstm.cell import check_size
@@ -358,12 +359,8 @@ class LSTM(nnx.Module):
         (*batch, D); y_t: (*batch, H_L), the last layer's h. For acting one
         step at a time with the model that trains on sequences.
         """
-        if self.bidirectional:
-            raise ValueError("step is for unidirectional modules: a bidirectional layer needs the whole sequence")
-        if not hasattr(x_t, "ndim") or x_t.ndim < 1:
-            raise ValueError(f"x_t has shape {getattr(x_t, 'shape', None)}, expected (*batch, D)")
         carry, ys = self(
-            jnp.asarray(x_t)[None],
+            step_inputs(self.bidirectional, x_t),
             initial_carry=carry,
             return_carry=True,
             time_major=True,

@@ -135,7 +135,7 @@ def test_zeros_state_sizes():
 # ------------------------------------------------------------------------------------------- derivatives
 
 
-@pytest.mark.parametrize("options", ["plain", "all"])
+@pytest.mark.parametrize("options", ["all"])
 def test_third_order_reverse_derivatives_equal_lstm_ref(options):
     p, xs, s0 = _problem(6)
     kw = {}
