@@ -75,9 +75,8 @@ UNROLLS = (1, 4)
 def interleave(variants: dict[str, Callable[[], object]], *, reps: int, warmup: int = 2, seed: int = 0) -> dict:
     """Median milliseconds of each ``variants[name]()`` (which must block until done).
 
-    ``timing.interleave`` without the untimed call before each timed one (a PPO update is long enough to
-    leave little behind): ``warmup`` untimed rounds (at least one), then ``reps`` rounds, each calling
-    every variant once in a fresh random order.
+    ``timing.interleave`` without an untimed call before each timed one: ``warmup`` untimed rounds (at
+    least one), then ``reps`` rounds, each calling every variant once in a fresh random order.
     """
     t = timing.interleave({k: (f,) for k, f in variants.items()}, warmup=warmup, reps=reps, settle=False, seed=seed)
     return {name: 1e3 * s for name, (s,) in t.seconds.items()}
