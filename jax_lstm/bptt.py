@@ -482,7 +482,16 @@ def _entering_h(hs, h0, hr, mask, resets, reverse):
     if mask is None:
         h_prev = _shift(hs, h0, reverse)
         return h_prev if resets is None else jnp.where(resets[..., None], hr[None], h_prev)
-    T = hs.shape[0]
+    src_in = _entering_src(mask, resets, reverse)
+    gathered = jnp.take_along_axis(hs, jnp.maximum(src_in, 0)[..., None], axis=0)
+    start = h0[None] if resets is None else jnp.where((src_in == -2)[..., None], hr[None], h0[None])
+    return jnp.where((src_in >= 0)[..., None], gathered, start)
+
+
+def _entering_src(mask, resets, reverse):
+    """(T, B) int32: where the state entering step t comes from (``_entering_h``): the time index of the
+    step whose output it is, -1 the initial state, -2 the reset state."""
+    T = mask.shape[0]
     k = jnp.arange(T, dtype=jnp.int32)[:, None]
     pos = T - 1 - k if reverse else k  # run position of step t
     event = jnp.where(mask, 2 * pos + 1, -1)
@@ -495,9 +504,7 @@ def _entering_h(hs, h0, hr, mask, resets, reverse):
     src_in = _shift(src_after, jnp.full_like(src_after[0], -1), reverse)  # entering t: carried after t-1
     if resets is not None:
         src_in = jnp.where(resets, -2, src_in)
-    gathered = jnp.take_along_axis(hs, jnp.maximum(src_in, 0)[..., None], axis=0)
-    start = h0[None] if resets is None else jnp.where((src_in == -2)[..., None], hr[None], h0[None])
-    return jnp.where((src_in >= 0)[..., None], gathered, start)
+    return src_in
 
 
 def _contract(a, b_, like, acc):
@@ -536,15 +543,8 @@ _FAM_IN = (_W,) * 9 + _CORE_IN[3:]  # W, U, b, W_proj, peephole, gamma_x, gamma_
 
 
 def _family_residual_kinds(static: _FamilyStatic):
-    """Kinds of the residuals (coef, dndm_f, m, cs, hhat, rstd_h); None for those a variant lacks."""
-    return (
-        _R1,
-        _R1,
-        _R1 if static.proj else None,
-        _R1 if static.peep or static.norm else None,
-        _R1 if static.norm else None,
-        _R1 if static.norm else None,
-    )
+    """Kinds of the residuals (coef, dndm_f, m, cs); None for those a variant lacks."""
+    return (_R1, _R1, _R1 if static.proj else None, _R1 if static.peep or static.norm else None)
 
 
 @functools.cache
@@ -648,13 +648,16 @@ def _family_forward(
       (c_t, or LN(c_t) γ_c + β_c); the plain LSTM's six blocks;
     * projection: ``m`` (H), m_t = o φ(n_t) before the projection, for dW_proj;
     * peepholes or layer norm: ``cs`` (H), c_t of the steps that ran (zero
-      elsewhere), from which c_{t-1} and LN(c_t) are recomputed;
-    * layer norm: ``hhat`` (4H), LN(h_{t-1} @ W) before its gain, and ``rstd_h``
-      (1), its 1 / sqrt(var + eps); LN(x_t @ U) is recomputed from one matmul.
+      elsewhere), from which the backward reads c_{t-1}, c_t and LN(c_t).
 
-    So per (t, b) row: 7H + N plain, + H (projection), + H (peepholes),
-    + 5H + 1 (layer norm, cs shared with peepholes). At skipped steps every
-    coefficient is zero and f_t one, as in ``_forward``.
+    Layer norm stores nothing else: the backward loop forms x_t @ U and
+    h_{t-1} @ W again (two more matmuls per step) for the backward of their
+    layer norms, and writes d(x_t @ U) over the coefficients and d(h_{t-1} @ W)
+    to a (T, B, 4H) buffer of its own. So per (t, b) row:
+    7H + N plain, + H with a projection, + H with peepholes or layer norm,
+    beside the (T, B, 4H) buffer the backward of layer norm writes
+    d(h_{t-1} @ W) to. At
+    skipped steps every coefficient is zero and f_t one, as in ``_forward``.
     """
     acc = h0.dtype
     T = xs.shape[0]
@@ -673,13 +676,10 @@ def _family_forward(
             h, c = jnp.where(r, hr, h), jnp.where(r, cr, c)
         h_in = h if keep is None else h * keep  # recurrent dropout on h_{t-1} in h @ W only
         ah = jnp.matmul(h_in.astype(W.dtype), W, preferred_element_type=acc)
-        hhat = rstd_h = None
         if gains is None:
             z = xp_t + ah + bias
         else:  # layer norm of both projections, each with its own gain
-            xhat, _ = _normalized(xp_t)
-            hhat, rstd_h = _normalized(ah)
-            z = xhat * gains[0] + hhat * gains[1] + bias
+            z = _normalized(xp_t)[0] * gains[0] + _normalized(ah)[0] * gains[1] + bias
         z_f, z_i, z_g, z_o = split_gates(z)
         if p is not None:  # peepholes of f and i look at c_{t-1}
             z_f, z_i = z_f + c * p[0][None, :], z_i + c * p[1][None, :]
@@ -701,8 +701,6 @@ def _family_forward(
                 "f": f,
                 "m": m if Wp is not None else None,
                 "cs": c_new if (p is not None or gains is not None) else None,
-                "hhat": hhat,
-                "rstd_h": rstd_h,
             }
         if m_t is not None:  # skipped step: state unchanged, zero output, zero local derivatives
             mk = m_t[:, None]
@@ -710,19 +708,12 @@ def _family_forward(
             h_new = jnp.where(mk, h_new, h)
             out = jnp.where(mk, out, jnp.zeros_like(out))
             if save:
-                res = {
+                res = {  # f = 1 passes dc through untouched
                     k: None if v is None else jnp.where(mk, v, jnp.ones_like(v) if k == "f" else jnp.zeros_like(v))
                     for k, v in res.items()
                 }
         if save:
-            res = (
-                res["coef"],
-                jnp.concatenate([res["dndm"], res["f"]], axis=-1),
-                res["m"],
-                res["cs"],
-                res["hhat"],
-                res["rstd_h"],
-            )
+            res = (res["coef"], jnp.concatenate([res["dndm"], res["f"]], axis=-1), res["m"], res["cs"])
         return h_new, c_new, out, res
 
     def row(a, t):
@@ -755,8 +746,6 @@ def _family_forward(
         like(2 * H),  # dndm_f
         like(H) if Wp is not None else None,  # m
         like(H) if (p is not None or gains is not None) else None,  # cs
-        like(4 * H) if gains is not None else None,  # hhat
-        like(1) if gains is not None else None,  # rstd_h
     )
     init = (h0, c0, *(None if a is None else make_varying(a, axes) for a in buffers))
     h, c, hs, *saved = jax.lax.fori_loop(0, T, body, init, unroll=unroll)
@@ -789,7 +778,7 @@ def _weight_grad(a, b_, like, acc, groups):
 
 
 def _family_backward(
-    W, U, Wp, peep, gx, gh, gc, bc, xs, h0, c0, hr, cr, mask, resets, keep, hs, coef, dndm_f, m, cs, hhat, rstd_h,
+    W, U, Wp, peep, gx, gh, gc, bc, xs, h0, c0, hr, cr, mask, resets, keep, hs, coef, dndm_f, m, cs,
     dhs, dh_T, dc_T, *, reverse, unroll, groups,
 ):  # fmt: skip
     """The family's hand-written BPTT. Returns the gradients of W, U, b, W_proj, peephole, the four
@@ -798,18 +787,20 @@ def _family_backward(
     acc = h0.dtype
     T = xs.shape[0]
     H = U.shape[1] // 4
-    axes = varying_axes(W, U, Wp, peep, gx, xs, h0, c0, mask, resets, keep, coef, dndm_f, m, cs, hhat, dhs, dh_T)
+    axes = varying_axes(W, U, Wp, peep, gx, xs, h0, c0, mask, resets, keep, coef, dndm_f, m, cs, dhs, dh_T)
     p = None if peep is None else peep.astype(acc)
     gains = None if gx is None else tuple(a.astype(acc)[None, :] for a in (gx, gh, gc, bc))
     W_T = W.T  # (4H, N), transposed once
     Wp_T = None if Wp is None else Wp.T  # (P, H)
     zero_sum = lambda n: jnp.zeros((n,) if groups is None else (groups, n), acc)  # noqa: E731
+    entering = _entering_rows(T, mask, resets, reverse)  # where each step's entering state comes from
 
     def body(k, carry):
-        dh_next, dc_next, dhr, dcr, buf, dh_buf, hhat_buf, sums = carry  # from the next step, as seed δ2, δ4
+        dh_next, dc_next, dhr, dcr, buf, dh_buf, da_buf, sums = carry  # from the next step, as seed δ2, δ4
         t = (k if reverse else T - 1 - k).astype(jnp.uint32)
         row = lambda a: jax.lax.dynamic_index_in_dim(a, t, keepdims=False)  # noqa: E731
         coef_t, df = row(buf), row(dndm_f)
+        cf, ci, cg, co = split_gates(coef_t)
         dndm, f = df[:, :H], df[:, H:]
         dh = dh_next + row(dh_buf)  # seed δ3 = δ1 + δ2, as in the plain backward
         if Wp is not None:  # projection: h_t = m_t @ W_proj, so dm_t = dh_t @ W_proj^T; dh_t kept for dW_proj
@@ -822,7 +813,6 @@ def _family_backward(
             chat, rstd_c = _normalized(row(cs))
             sums = {**sums, "gc": sums["gc"] + _rows_sum(dn * chat, groups), "bc": sums["bc"] + _rows_sum(dn, groups)}
             dn = _normalized_bwd(dn * gains[2], chat, rstd_c)
-        cf, ci, cg, co = split_gates(coef_t)
         dz_o = dm * co  # seed δ6, δ13 with dm in place of δ3
         dc = dc_next + dn  # seed δ8 (a sum)
         if p is not None:  # peephole: z_o = ... + c_t p_o, so c_t also feeds the o gate
@@ -830,13 +820,32 @@ def _family_backward(
         dz_f, dz_i, dz_g = dc * cf, dc * ci, dc * cg  # seed δ16, δ15, δ14
         dz = jnp.concatenate([dz_f, dz_i, dz_g, dz_o], axis=-1)
         dc_prev = dc * f  # seed δ11
-        if p is not None:  # peepholes: z_f, z_i = ... + c_{t-1} p_f, c_{t-1} p_i
+        if p is not None:  # peepholes: z_f, z_i = ... + c_{t-1} p_f, c_{t-1} p_i; dp sums the deltas times the
+            # cell each gate looked at
+            c_prev = entering(cs, c0, cr, t)
             dc_prev = dc_prev + dz_f * p[0][None, :] + dz_i * p[1][None, :]
-        if gains is not None:  # z = LN(h_{t-1} W) γ_h + ...: the recurrent projection's layer-norm backward
-            hhat_t = row(hhat_buf)
-            sums = {**sums, "gh": sums["gh"] + _rows_sum(dz * hhat_t, groups)}
-            da = _normalized_bwd(dz * gains[1], hhat_t, row(rstd_h))
-            hhat_buf = jax.lax.dynamic_update_index_in_dim(hhat_buf, da, t, 0)  # d(h_{t-1} W) replaces LN's value
+            sums = {
+                **sums,
+                "pf": sums["pf"] + _rows_sum(dz_f * c_prev, groups),
+                "pi": sums["pi"] + _rows_sum(dz_i * c_prev, groups),
+                "po": sums["po"] + _rows_sum(dz_o * row(cs), groups),
+            }
+        if gains is not None:  # z = LN(x_t U) γ_x + LN(h_{t-1} W) γ_h + b: both products formed again here
+            # (one matmul each), then LN's backward; d(x_t U) replaces dz in buf, d(h_{t-1} W) goes to da_buf
+            x_t = row(xs) if mask is None else jnp.where(row(mask)[:, None], row(xs), jnp.zeros_like(row(xs)))
+            xhat, rstd_x = _normalized(jnp.matmul(x_t.astype(U.dtype), U, preferred_element_type=acc))
+            h_in = entering(hs, h0, hr, t)
+            h_in = h_in if keep is None else h_in * keep
+            hhat, rstd_h = _normalized(jnp.matmul(h_in.astype(W.dtype), W, preferred_element_type=acc))
+            sums = {
+                **sums,
+                "gx": sums["gx"] + _rows_sum(dz * xhat, groups),
+                "gh": sums["gh"] + _rows_sum(dz * hhat, groups),
+                "b": sums["b"] + _rows_sum(dz, groups),
+            }
+            da = _normalized_bwd(dz * gains[1], hhat, rstd_h)
+            da_buf = jax.lax.dynamic_update_index_in_dim(da_buf, da, t, 0)
+            dz = _normalized_bwd(dz * gains[0], xhat, rstd_x)
         else:
             da = dz
         dh_prev = jnp.matmul(da.astype(W.dtype), W_T, preferred_element_type=acc)  # seed δ25 (corrected)
@@ -850,37 +859,36 @@ def _family_backward(
             dcr = dcr + jnp.where(r, dc_prev, jnp.zeros_like(dc_prev))
             dh_prev = jnp.where(r, jnp.zeros_like(dh_prev), dh_prev)
             dc_prev = jnp.where(r, jnp.zeros_like(dc_prev), dc_prev)
-        buf = jax.lax.dynamic_update_index_in_dim(buf, dz, t, 0)  # dz_t replaces its coefficients
-        return dh_prev, dc_prev, dhr, dcr, buf, dh_buf, hhat_buf, sums
+        buf = jax.lax.dynamic_update_index_in_dim(buf, dz, t, 0)  # dz_t (or d(x_t U)) replaces its coefficients
+        return dh_prev, dc_prev, dhr, dcr, buf, dh_buf, da_buf, sums
 
-    sums0 = {} if gains is None else {"gh": zero_sum(4 * H), "gc": zero_sum(H), "bc": zero_sum(H)}
+    sums0 = {}
+    if gains is not None:
+        sums0.update(gx=zero_sum(4 * H), gh=zero_sum(4 * H), b=zero_sum(4 * H), gc=zero_sum(H), bc=zero_sum(H))
+    if p is not None:
+        sums0.update(pf=zero_sum(H), pi=zero_sum(H), po=zero_sum(H))
     dh_T, dc_T = dh_T.astype(acc), dc_T.astype(acc)
-    carry0 = (dh_T, dc_T, jnp.zeros_like(dh_T), jnp.zeros_like(dc_T), coef, dhs.astype(acc), hhat, sums0)
+    da0 = None if gains is None else jnp.zeros_like(coef)
+    carry0 = (dh_T, dc_T, jnp.zeros_like(dh_T), jnp.zeros_like(dc_T), coef, dhs.astype(acc), da0, sums0)
     carry0 = jax.tree.map(lambda a: make_varying(a, axes), carry0)
-    dh0, dc0, dhr, dcr, dz, dh_all, da_h, sums = jax.lax.fori_loop(0, T, body, carry0, unroll=unroll)
-    da_h = dz if gains is None else da_h  # d(h_{t-1} @ W)
-
-    h_in, x_in = _step_inputs(hs, xs, h0, hr, mask, resets, keep, reverse)
-    dgains = (None,) * 4
-    if gains is not None:  # z = LN(x_t U) γ_x + ...: LN(x_t U) recomputed by one matmul over all steps
-        xhat, rstd_x = _normalized(jnp.einsum("tbd,dg->tbg", x_in, U, preferred_element_type=acc))
-        dgains = (_steps_sum(dz * xhat, groups), sums["gh"], sums["gc"], sums["bc"])
-        da_x = _normalized_bwd(dz * gains[0][None], xhat, rstd_x)
-    else:
-        da_x = dz
+    dh0, dc0, dhr, dcr, da_x, dh_all, da_h, sums = jax.lax.fori_loop(0, T, body, carry0, unroll=unroll)
+    # without layer norm both products' gradients are dz itself: d(x_t U) = d(h_{t-1} W) = dz
+    da_h = da_x if gains is None else da_h
+    db = _steps_sum(da_x, groups) if gains is None else sums["b"]
+    dgains = (None,) * 4 if gains is None else (sums["gx"], sums["gh"], sums["gc"], sums["bc"])
+    x_in = xs if mask is None else jnp.where(mask[..., None], xs, jnp.zeros_like(xs))
     dxs = jnp.einsum("tbg,dg->tbd", da_x.astype(U.dtype), U, preferred_element_type=acc)  # seed δ26 (corrected)
+    # h_{t-1} for every step, formed once the loop is done (the barrier), when the residuals are free
+    hs_after, _ = jax.lax.optimization_barrier((hs, da_h))
+    h_in = _entering_h(hs_after, h0, hr, mask, resets, reverse)
+    h_in = h_in if keep is None else h_in * keep[None]
     dW = _weight_grad(h_in, da_h, W, acc, groups)  # seed δW = Σ_t h_{t-1}^T δ13..16
     dU = _weight_grad(x_in, da_x, U, acc, groups)  # seed δU = Σ_t x_t^T δ13..16
-    db = _steps_sum(dz, groups).astype(W.dtype)
+    db = db.astype(W.dtype)
     dWp = None if Wp is None else _weight_grad(m, dh_all, Wp, acc, groups)  # h_t = m_t W_proj
     dpeep = None
-    if p is not None:  # Σ_t of the peephole deltas times the cell each one looked at
-        c_in = _entering_h(cs, c0, cr, mask, resets, reverse)  # c_{t-1} as step t saw it
-        dz_f, dz_i, _, dz_o = split_gates(dz)
-        dpeep = jnp.stack(
-            [_steps_sum(dz_f * c_in, groups), _steps_sum(dz_i * c_in, groups), _steps_sum(dz_o * cs, groups)],
-            axis=-2,
-        ).astype(peep.dtype)
+    if p is not None:
+        dpeep = jnp.stack([sums["pf"], sums["pi"], sums["po"]], axis=-2).astype(peep.dtype)
     dgains = tuple(None if g is None else g.astype(a.dtype) for g, a in zip(dgains, (gx, gh, gc, bc), strict=True))
     dtype = h0.dtype if hr is None else hr.dtype
     return (
@@ -896,3 +904,28 @@ def _family_backward(
         dhr.astype(dtype),
         dcr.astype(cr.dtype if cr is not None else c0.dtype),
     )
+
+
+def _entering_rows(T, mask, resets, reverse):
+    """``entering(a, first, reset, t)``: the state entering step t, (B, ·), read from
+    ``a`` (T, B, ·), the values of the steps that ran (``hs`` or ``cs``): the previous step's row without
+    a mask, the row of the last step that ran with one (``_entering_h``'s event codes); ``first`` at the
+    start, ``reset`` at a reset."""
+    if mask is None:
+
+        def entering(a, first, reset, t):
+            t = t.astype(jnp.int32)
+            prev = jnp.clip(t + (1 if reverse else -1), 0, T - 1)
+            v = jnp.where(t == (T - 1 if reverse else 0), first, jax.lax.dynamic_index_in_dim(a, prev, keepdims=False))
+            return v if resets is None else jnp.where(jax.lax.dynamic_index_in_dim(resets, t, False)[:, None], reset, v)
+
+        return entering
+    src = _entering_src(mask, resets, reverse)  # (T, B): a step index, -1 the start, -2 the reset state
+
+    def entering(a, first, reset, t):
+        s = jax.lax.dynamic_index_in_dim(src, t, keepdims=False)
+        got = jnp.take_along_axis(a, jnp.maximum(s, 0)[None, :, None], axis=0)[0]
+        start = first if reset is None else jnp.where((s == -2)[:, None], reset, first)
+        return jnp.where((s >= 0)[:, None], got, start)
+
+    return entering
