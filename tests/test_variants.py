@@ -9,6 +9,10 @@ projection per layer, vmap both ways, reverse over reverse, bfloat16, traces, ch
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +20,7 @@ import pytest
 from numpy_oracle import dropout_scale, lstm_np
 
 from jax_lstm import (
+    LayerNormParams,
     LSTMParams,
     LSTMState,
     checkpoint,
@@ -23,11 +28,13 @@ from jax_lstm import (
     init_params,
     init_stack,
     lstm,
+    lstm_cell,
     lstm_ref,
     lstm_stack,
     lstm_trace,
+    zeros_state,
 )
-from jax_lstm.cell import LayerNormParams, normalize
+from jax_lstm.cell import normalize
 from jax_lstm.gradcheck import random_like, rel_err
 
 T, B, D, H, P = 5, 3, 3, 6, 4
@@ -346,3 +353,53 @@ def test_projected_state_shapes_are_checked():
         lstm(p, xs, LSTMState(s0.h, jnp.zeros((B, P))))
     hs, (h, c) = lstm(p, xs[:0])  # no steps: the zero state passes through, h of size P
     assert hs.shape == (0, B, P) and h.shape == (B, P) and c.shape == (B, H)
+
+
+_SHARD_MAP_SCRIPT = r"""
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+jax.config.update("jax_enable_x64", True)
+from jax_lstm import init_params, lstm, lstm_ref
+from jax_lstm.gradcheck import random_like, rel_err
+p = init_params(jax.random.PRNGKey(0), 3, 6, proj_size=4, peephole=True, layer_norm=True, dtype=jnp.float64)
+p = jax.tree.map(lambda a, r: a + 0.4 * r, p, random_like(1, p))
+xs = jax.random.normal(jax.random.PRNGKey(2), (5, 4, 3))
+mask = jnp.ones((5, 4), bool).at[1, 2].set(False)
+resets = jnp.zeros((5, 4), bool).at[2, 0].set(True)
+w = random_like(3, jax.eval_shape(lambda: lstm(p, xs)))
+mesh = jax.make_mesh((2,), ("b",))
+specs = (P(), P(None, "b"), P(None, "b"), P(None, "b"), P(None, "b"), P("b"), P("b"))
+
+def loss(fn, p_, x_, m_, r_, w0, wh, wc):
+    hs, (h, c) = fn(p_, x_, mask=m_, resets=r_)
+    return jnp.sum(hs * w0) + jnp.sum(h * wh) + jnp.sum(c * wc)
+
+args = (p, xs, mask, resets, w[0], w[1].h, w[1].c)
+placed = tuple(jax.tree.map(lambda a, s=s: jax.device_put(a, NamedSharding(mesh, s)), a) for a, s in zip(args, specs))
+local = lambda *a: jax.grad(lambda q: loss(lstm, q, *a[1:]))(a[0])  # inside: grads of the replicated params
+sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P()))(*placed)
+whole = jax.grad(lambda q: loss(lstm_ref, q, *args[1:]))(p)
+print(rel_err(sharded, whole))
+"""
+
+
+def test_shard_map_over_the_batch():
+    """All three variants with a mask and resets, the batch split over 2 forced host devices (a fresh process)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARD_MAP_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-10
+
+
+def test_lstm_cell_steps_like_lstm_ref():
+    p, xs, s0, _ = _problem(_ALL, seed=5)
+    state, outs = s0, []
+    for t in range(T):
+        state, h = lstm_cell(p, state, xs[t])
+        outs.append(h)
+    hs, final = lstm_ref(p, xs, s0)
+    np.testing.assert_allclose(jnp.stack(outs), hs, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(state.c, final.c, rtol=1e-12, atol=1e-14)
+    assert zeros_state(B, H, proj_size=P).h.shape == (B, P)
