@@ -85,9 +85,9 @@ class _LSTMFields(NamedTuple):
 
 
 class OptionalTail:
-    """For a NamedTuple whose last fields are optional (None = absent): unpacking and ``len`` stop
-    after the last field present, so code written before those fields existed still unpacks the
-    tuple as it did; indexing, attributes and pytree flattening see every field."""
+    """For a NamedTuple whose last fields are optional (None = absent): unpacking, ``len`` and
+    ``_asdict`` stop after the last field present, so code written before those fields existed still
+    sees the tuple as it did; indexing, attributes and pytree flattening see every field."""
 
     __slots__ = ()
     _required: int = 0  # the fields always present
@@ -106,10 +106,11 @@ class OptionalTail:
         return cls(*iterable)
 
     def _replace(self, **fields):
-        return type(self)(**{**self._asdict(), **fields})
+        every = {name: tuple.__getitem__(self, k) for k, name in enumerate(self._fields)}
+        return type(self)(**{**every, **fields})
 
     def _asdict(self) -> dict:
-        return {name: tuple.__getitem__(self, k) for k, name in enumerate(self._fields)}
+        return {name: tuple.__getitem__(self, k) for k, name in enumerate(self._fields[: len(self)])}
 
 
 class LSTMParams(OptionalTail, _LSTMFields):
@@ -121,7 +122,7 @@ class LSTMParams(OptionalTail, _LSTMFields):
     0 < P < H, with which h has size P and ``W`` is (P, 4H); ``peephole``
     (3, H), rows f, i, o; ``norm``, a ``LayerNormParams``.
 
-    Unpacking and ``len`` stop after the last field present, so a plain LSTM's
+    Unpacking, ``len`` and ``_asdict`` stop after the last field present, so a plain LSTM's
     params still unpack as ``W, U, b = params``; indexing, attributes and
     pytree flattening see all six fields.
     """
