@@ -387,7 +387,7 @@ def gate_trace_stack(
       gate_fn, activation_fn: element-wise activations, as in ``lstm_stack``.
 
     Returns:
-      Per layer a tuple with one ``LSTMTrace`` per direction; each of its
+      Per layer a tuple with one ``LSTMTrace`` (``LayerNormTrace`` with layer norm) per direction; each of its
       fields f, i, g, o, c, h is (T, B, H_l) ((B, T, H_l) batch-major), zero at
       skipped steps. The last layer's ``h`` (concatenated over directions)
       equals ``lstm_stack``'s hs.
@@ -423,5 +423,5 @@ def gate_trace_stack(
         x = jnp.concatenate([t.h for t in layer_traces], axis=-1).astype(dtype)
     if not time_major:
         flip = lambda v: None if v is None else jnp.swapaxes(v, 0, 1)  # noqa: E731
-        traces = [tuple(LSTMTrace(*(flip(v) for v in t)) for t in layer) for layer in traces]
+        traces = [tuple(type(t)(*(flip(v) for v in t)) for t in layer) for layer in traces]
     return tuple(traces)

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from jax_lstm._inputs import Prepared, prepare
 from jax_lstm.cell import (
     LSTMState,
-    OptionalTail,
     cell_update,
     family_step,
     gate_activations,
@@ -25,7 +24,7 @@ from jax_lstm.cell import (
     split_gates,
 )
 
-__all__ = ["lstm_ref", "lstm_trace", "LSTMTrace"]
+__all__ = ["lstm_ref", "lstm_trace", "LSTMTrace", "LayerNormTrace"]
 
 
 def lstm_ref(
@@ -130,29 +129,33 @@ def _step(a: Prepared, gate_fn, activation_fn, state: LSTMState, x_t, m_t, r_t):
     return new, tuple(zero(v) for v in (*split_gates(act), c, h))
 
 
-class _TraceFields(NamedTuple):
+class LSTMTrace(NamedTuple):
+    """Every intermediate of a sequence run, each (T, B, H), in acc dtype.
+
+    At padded steps (t >= seq_lengths[b]) all six are zero. With a projection
+    h is (T, B, P).
+    """
+
     f: jax.Array
     i: jax.Array
     g: jax.Array
     o: jax.Array
     c: jax.Array
     h: jax.Array
-    x_norm: jax.Array | None = None  # (T, B, 4H) LN(x_t @ U) * gamma_x
-    h_norm: jax.Array | None = None  # (T, B, 4H) LN(h_{t-1} @ W) * gamma_h
-    c_norm: jax.Array | None = None  # (T, B, H)  LN(c_t) * gamma_c + beta_c
 
 
-class LSTMTrace(OptionalTail, _TraceFields):
-    """Every intermediate of a sequence run, each (T, B, H), in acc dtype: f, i, g, o, c, h.
+class LayerNormTrace(NamedTuple):
+    """``LSTMTrace``'s six fields and the normalised values of the layer-normalised LSTM."""
 
-    At padded steps (t >= seq_lengths[b]) all are zero. With a projection h is
-    (T, B, P); with layer norm the normalised values ``x_norm`` (T, B, 4H),
-    ``h_norm`` (T, B, 4H) and ``c_norm`` (T, B, H) are there too (else None,
-    and the trace unpacks as its six fields).
-    """
-
-    __slots__ = ()
-    _required = 6
+    f: jax.Array
+    i: jax.Array
+    g: jax.Array
+    o: jax.Array
+    c: jax.Array
+    h: jax.Array
+    x_norm: jax.Array  # (T, B, 4H) LN(x_t @ U) * gamma_x
+    h_norm: jax.Array  # (T, B, 4H) LN(h_{t-1} @ W) * gamma_h
+    c_norm: jax.Array  # (T, B, H)  LN(c_t) * gamma_c + beta_c
 
 
 def lstm_trace(
@@ -170,11 +173,13 @@ def lstm_trace(
     time_major=True,
     gate_fn=jax.nn.sigmoid,
     activation_fn=jnp.tanh,
-) -> LSTMTrace:
+) -> LSTMTrace | LayerNormTrace:
     """Gate inspection: f, i, g, o, c and h at every step, each (T, B, H) ((B, T, H) batch-major).
 
     Same arguments and semantics as ``lstm_ref``; ``trace.h`` equals its ``hs``.
-    All six are zero at skipped steps.
+    All six are zero at skipped steps. With layer norm (``params.norm``) the
+    result is a ``LayerNormTrace``, which adds x_norm, h_norm (T, B, 4H) and
+    c_norm (T, B, H), the normalised values, also zero at skipped steps.
     """
     a = prepare(
         params,
@@ -196,4 +201,5 @@ def lstm_trace(
         return _step(a, gate_fn, activation_fn, state, *inp)
 
     _, out = jax.lax.scan(step, a.state0, (a.xs, mask, resets), reverse=reverse)
-    return LSTMTrace(*(v if time_major or v is None else jnp.swapaxes(v, 0, 1) for v in out))
+    cls = LSTMTrace if a.params.norm is None else LayerNormTrace
+    return cls(*(v if time_major else jnp.swapaxes(v, 0, 1) for v in out[: len(cls._fields)]))

@@ -21,8 +21,10 @@ from numpy_oracle import dropout_scale, lstm_np
 
 from jax_lstm import (
     LayerNormParams,
+    LayerNormTrace,
     LSTMParams,
     LSTMState,
+    LSTMTrace,
     checkpoint,
     gate_trace_stack,
     init_params,
@@ -295,8 +297,9 @@ def test_trace_fields_of_the_normalised_values():
     np.testing.assert_allclose(tr.x_norm, normalize(xs @ p.U) * row(n.gamma_x), rtol=1e-12, atol=1e-14)
     h_prev = jnp.concatenate([s0.h[None], tr.h[:-1]])
     np.testing.assert_allclose(tr.h_norm, normalize(h_prev @ p.W) * row(n.gamma_h), rtol=1e-12, atol=1e-14)
+    assert isinstance(tr, LayerNormTrace)
     plain = lstm_trace(_problem((True, True, False))[0], xs, s0)
-    assert plain.x_norm is None and plain.h_norm is None and plain.c_norm is None
+    assert type(plain) is LSTMTrace and len(plain) == 6  # without layer norm: the six fields as before
 
 
 def test_init_params_and_plain_unpacking():
