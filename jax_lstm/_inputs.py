@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_lstm._sharding import make_varying, onto_mesh_of, varying_axes
-from jax_lstm.cell import LSTMParams, LSTMState, acc_dtype, check_size
+from jax_lstm.cell import LayerNormParams, LSTMParams, LSTMState, acc_dtype, check_size
 
 __all__ = [
     "Prepared",
@@ -30,6 +30,7 @@ __all__ = [
     "check_lengths",
     "check_state",
     "check_activations",
+    "check_params",
 ]
 
 
@@ -62,16 +63,20 @@ def _floating(name: str, a) -> None:
         raise TypeError(f"{name} must be floating point, got dtype {a.dtype}")
 
 
-def check_state(name: str, state, B: int, H: int, where: str, dims: str = "(B, H)") -> None:
-    """``state`` is None or an ``(h, c)`` pair of floating (B, H) arrays; ``where`` says where B, H come from."""
+def check_state(name: str, state, B: int, H: int, where: str, dims: str = "(B, H)", P: int | None = None) -> None:
+    """``state`` is None or an ``(h, c)`` pair of floating (B, H) arrays; ``where`` says where B, H come from.
+
+    With a projection (``P`` given) h is (B, P) and c is (B, H).
+    """
     if state is None:
         return
     if not (isinstance(state, tuple) and len(state) == 2):
         raise TypeError(f"{name} must be LSTMState(h, c) or None, got {type(state).__name__}")
     for field, a in zip("hc", state, strict=True):
+        n, d = (P, dims.replace("H", "P", 1) if "H" in dims else dims) if field == "h" and P is not None else (H, dims)
         shape = getattr(a, "shape", None)
-        if shape is None or tuple(shape) != (B, H):
-            raise shape_error(f"{name}.{field}", shape if shape is not None else (), f"{dims} = ({B}, {H}) {where}")
+        if shape is None or tuple(shape) != (B, n):
+            raise shape_error(f"{name}.{field}", shape if shape is not None else (), f"{d} = ({B}, {n}) {where}")
         _floating(f"{name}.{field}", a)
 
 
@@ -103,6 +108,62 @@ def check_step_flags(name: str, a, T: int, B: int, time_major: bool) -> None:
         raise TypeError(f"{name} must have dtype bool, got {a.dtype} with shape {tuple(shape)}")
 
 
+def _as_array(a):
+    return a if hasattr(a, "shape") else jnp.asarray(a)
+
+
+def check_params(params, name: str = "params") -> tuple[int, int, int | None]:
+    """Validate one layer's ``LSTMParams`` (plain or with optional fields); returns (D, H, P or None).
+
+    Raises ``TypeError``/``ValueError`` naming the field and both shapes.
+    """
+    if not isinstance(params, tuple) or not 3 <= len(params) <= 6:
+        raise TypeError(
+            f"{name} must be LSTMParams(W, U, b) (optionally with W_proj, peephole, norm), got {type(params).__name__}"
+        )
+    p = LSTMParams(*params)
+    W, U, b = (_as_array(a) for a in p[:3])
+    W_proj = None if p.W_proj is None else _as_array(p.W_proj)
+    if W_proj is None:
+        if W.ndim != 2 or W.shape[1] != 4 * W.shape[0]:
+            raise shape_error(f"{name}.W", W.shape, "(H, 4H)")
+        H, P = W.shape[0], None
+    else:
+        if W.ndim != 2 or W.shape[1] % 4:
+            raise shape_error(f"{name}.W", W.shape, "(P, 4H) with a projection")
+        H = W.shape[1] // 4
+        if W_proj.ndim != 2 or W_proj.shape[0] != H or W_proj.shape[1] != W.shape[0]:
+            raise shape_error(
+                f"{name}.W_proj", W_proj.shape, f"(H, P) = ({H}, {W.shape[0]}) to match {name}.W {tuple(W.shape)}"
+            )
+        P = W.shape[0]
+        if not 0 < P < H:
+            raise ValueError(f"{name}.W_proj has shape {tuple(W_proj.shape)}: the projection size P must be in (0, H)")
+        _floating(f"{name}.W_proj", W_proj)
+    if U.ndim != 2 or U.shape[1] != 4 * H:
+        raise shape_error(f"{name}.U", U.shape, f"(D, {4 * H}) to match {name}.W {tuple(W.shape)}")
+    if b.shape != (4 * H,):
+        raise shape_error(f"{name}.b", b.shape, f"({4 * H},) to match {name}.W {tuple(W.shape)}")
+    for field, a in ((f"{name}.W", W), (f"{name}.U", U), (f"{name}.b", b)):
+        _floating(field, a)
+    if p.peephole is not None:
+        peep = _as_array(p.peephole)
+        if peep.shape != (3, H):
+            raise shape_error(f"{name}.peephole", peep.shape, f"(3, H) = (3, {H}), rows f, i, o")
+        _floating(f"{name}.peephole", peep)
+    if p.norm is not None:
+        if not isinstance(p.norm, tuple) or len(p.norm) != 4:
+            raise TypeError(
+                f"{name}.norm must be LayerNormParams(gamma_x, gamma_h, gamma_c, beta_c), got {type(p.norm).__name__}"
+            )
+        for field, a, n in zip(LayerNormParams._fields, p.norm, (4 * H, 4 * H, H, H), strict=True):
+            a = _as_array(a)
+            if a.shape != (n,):
+                raise shape_error(f"{name}.norm.{field}", a.shape, f"({n},) for H = {H}")
+            _floating(f"{name}.norm.{field}", a)
+    return U.shape[0], H, P
+
+
 def check_inputs(params, xs, state0, seq_lengths, unroll, *, time_major=True) -> tuple[int, int, int, int]:
     """Validate the arguments of ``lstm``/``lstm_ref`` at trace time.
 
@@ -110,17 +171,7 @@ def check_inputs(params, xs, state0, seq_lengths, unroll, *, time_major=True) ->
       (T, B, D, H). Raises ``TypeError``/``ValueError`` naming the argument and
       both shapes.
     """
-    if not isinstance(params, tuple) or len(params) != 3:
-        raise TypeError(f"params must be LSTMParams(W, U, b), got {type(params).__name__}")
-    W, U, b = (a if hasattr(a, "shape") else jnp.asarray(a) for a in params)
-    if W.ndim != 2 or W.shape[1] != 4 * W.shape[0]:
-        raise shape_error("params.W", W.shape, "(H, 4H)")
-    H = W.shape[0]
-    if U.ndim != 2 or U.shape[1] != 4 * H:
-        raise shape_error("params.U", U.shape, f"(D, {4 * H}) to match params.W {tuple(W.shape)}")
-    D = U.shape[0]
-    if b.shape != (4 * H,):
-        raise shape_error("params.b", b.shape, f"({4 * H},) to match params.W {tuple(W.shape)}")
+    D, H, P = check_params(params)
     layout = "(T, B, D)" if time_major else "(B, T, D)"
     if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
         raise TypeError(f"xs must be an array of shape {layout}, got {type(xs).__name__}")
@@ -130,10 +181,12 @@ def check_inputs(params, xs, state0, seq_lengths, unroll, *, time_major=True) ->
     T, B, Dx = xs.shape if time_major else (xs.shape[1], xs.shape[0], xs.shape[2])
     if Dx != D:
         want = f"(T, B, {D})" if time_major else f"(B, T, {D})"
-        raise shape_error("xs", xs.shape, f"{want}: its last axis must match params.U {tuple(U.shape)}")
-    for name, a in (("params.W", W), ("params.U", U), ("params.b", b), ("xs", xs)):
-        _floating(name, a)
-    check_state("state0", state0, B, H, f"from xs {tuple(xs.shape)} and params.W {tuple(W.shape)}")
+        raise shape_error(
+            "xs", xs.shape, f"{want}: its last axis must match params.U {tuple(_as_array(params[1]).shape)}"
+        )
+    _floating("xs", xs)
+    W_shape = tuple(_as_array(params[0]).shape)
+    check_state("state0", state0, B, H, f"from xs {tuple(xs.shape)} and params.W {W_shape}", P=P)
     check_lengths(seq_lengths, B, xs.shape)
     if not isinstance(unroll, (int, np.integer)) or isinstance(unroll, bool) or unroll < 1:
         raise ValueError(f"unroll must be a positive int, got {unroll!r}")
@@ -145,11 +198,13 @@ class Prepared(NamedTuple):
 
     params: LSTMParams  # W, U, b in ``dtype``
     xs: jax.Array  # (T, B, D) in ``dtype``
-    state0: LSTMState  # h, c: (B, H) in acc_dtype(dtype); zeros when None was given
+    state0: LSTMState  # h, c: (B, H) (h: (B, P) projected) in acc_dtype(dtype); zeros when None was given
     mask: jax.Array | None  # (T, B) bool: the steps that run (mask and seq_lengths together), or None
     resets: jax.Array | None  # (T, B) bool, or None
     reset_state: LSTMState | None  # h, c: (B, H) in acc dtype, what a reset restores (zeros); None without resets
-    keep: jax.Array | None  # (B, H) recurrent-dropout factor (0 or 1 / (1 - p)) in acc dtype, or None
+    keep: (
+        jax.Array | None
+    )  # (B, H) ((B, P) projected) recurrent-dropout factor (0 or 1 / (1 - p)) in acc dtype, or None
     dtype: jnp.dtype
 
 
@@ -217,15 +272,21 @@ def prepare(
     T, B, _, H = check_inputs(params, xs, state0, seq_lengths, unroll, time_major=time_major)
     check_step_flags("mask", mask, T, B, time_major)
     check_step_flags("resets", resets, T, B, time_major)
-    check_state("reset_state", reset_state, B, H, f"from xs {tuple(xs.shape)} and params.W {tuple(params[0].shape)}")
+    params = LSTMParams(*params)
+    if params.norm is not None:
+        params = params._replace(norm=LayerNormParams(*params.norm))
+    P = None if params.W_proj is None else params.W.shape[0]
+    Hh = H if P is None else P  # the size of h
+    where = f"from xs {tuple(xs.shape)} and params.W {tuple(_as_array(params.W).shape)}"
+    check_state("reset_state", reset_state, B, H, where, P=P)
     check_activations(gate_fn, activation_fn)
     rate = check_rate("recurrent_dropout", recurrent_dropout, key)
-    params = LSTMParams(*params)
-    dtype = jnp.result_type(*params, xs)
+    params = jax.tree.map(_as_array, params)
+    dtype = jnp.result_type(*jax.tree.leaves(params), xs)
     acc = acc_dtype(dtype)
-    params = LSTMParams(*(p.astype(dtype) for p in params))
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
     if state0 is None:
-        state0 = LSTMState(jnp.zeros((B, H), acc), jnp.zeros((B, H), acc))
+        state0 = LSTMState(jnp.zeros((B, Hh), acc), jnp.zeros((B, H), acc))
     else:
         state0 = LSTMState(state0[0].astype(acc), state0[1].astype(acc))
     flip = (lambda a: a) if time_major else (lambda a: jnp.swapaxes(a, 0, 1))
@@ -239,20 +300,20 @@ def prepare(
     if resets is not None:
         resets = flip(resets)
         if reset_state is None:
-            reset_state = LSTMState(jnp.zeros((B, H), acc), jnp.zeros((B, H), acc))
+            reset_state = LSTMState(jnp.zeros((B, Hh), acc), jnp.zeros((B, H), acc))
         else:
             reset_state = LSTMState(reset_state[0].astype(acc), reset_state[1].astype(acc))
     else:
         reset_state = None  # nothing resets: the reset state is never read
     keep = None
     if rate > 0.0:
-        kept = jax.random.bernoulli(key, 1.0 - rate, (B, H))
+        kept = jax.random.bernoulli(key, 1.0 - rate, (B, Hh))
         keep = jnp.where(kept, jnp.asarray(1.0 / (1.0 - rate), acc), jnp.zeros((), acc))
     params, state0 = onto_mesh_of(xs, params, state0)
     if reset_state is not None:
         _, reset_state = onto_mesh_of(xs, params, reset_state)
     # Inside shard_map the states are loop carries: they must vary over every axis their updates vary over.
-    axes = varying_axes(*params, xs, *state0, mask, resets, keep, *(reset_state or ()))
+    axes = varying_axes(*jax.tree.leaves(params), xs, *state0, mask, resets, keep, *(reset_state or ()))
     state0 = LSTMState(*(make_varying(a, axes) for a in state0))
     if reset_state is not None:
         reset_state = LSTMState(*(make_varying(a, axes) for a in reset_state))

@@ -43,7 +43,9 @@ from jax_lstm.cell import (
     cell_update,
     gate_activations,
     gate_derivatives,
+    hidden_out_size,
     is_default,
+    is_plain,
     split_gates,
 )
 
@@ -166,12 +168,16 @@ def lstm(
     )
     dtype, state0 = a.dtype, a.state0
     if a.xs.shape[0] == 0:  # no steps: the state passes through, as in lstm_ref
-        hs = jnp.zeros((0, a.xs.shape[1], a.params.W.shape[0]), dtype)
+        hs = jnp.zeros((0, a.xs.shape[1], hidden_out_size(a.params)), dtype)
         h, c = state0
-    else:
+    elif is_plain(a.params):
         hr, cr = (None, None) if a.reset_state is None else a.reset_state
-        args = (*a.params, a.xs, state0.h, state0.c, hr, cr, a.mask, a.resets, a.keep)
+        args = (*a.params[:3], a.xs, state0.h, state0.c, hr, cr, a.mask, a.resets, a.keep)
         hs, h, c = _folded_core(_Static(bool(reverse), int(unroll), gate_fn, activation_fn))(*args)
+    else:  # projection, peepholes, layer norm: the family's own kernels (jax_lstm.bptt_family)
+        from jax_lstm.bptt_family import run_family
+
+        hs, h, c = run_family(a, bool(reverse), int(unroll), gate_fn, activation_fn)
     hs = hs.astype(dtype)
     return (hs if time_major else jnp.swapaxes(hs, 0, 1)), LSTMState(h.astype(dtype), c.astype(dtype))
 
@@ -502,7 +508,16 @@ def _entering_h(hs, h0, hr, mask, resets, reverse):
     if mask is None:
         h_prev = _shift(hs, h0, reverse)
         return h_prev if resets is None else jnp.where(resets[..., None], hr[None], h_prev)
-    T = hs.shape[0]
+    src_in = _entering_src(mask, resets, reverse)
+    gathered = jnp.take_along_axis(hs, jnp.maximum(src_in, 0)[..., None], axis=0)
+    start = h0[None] if resets is None else jnp.where((src_in == -2)[..., None], hr[None], h0[None])
+    return jnp.where((src_in >= 0)[..., None], gathered, start)
+
+
+def _entering_src(mask, resets, reverse):
+    """(T, B) int32: where the state entering step t comes from (``_entering_h``): the time index of the
+    step whose output it is, -1 the initial state, -2 the reset state."""
+    T = mask.shape[0]
     k = jnp.arange(T, dtype=jnp.int32)[:, None]
     pos = T - 1 - k if reverse else k  # run position of step t
     event = jnp.where(mask, 2 * pos + 1, -1)
@@ -515,9 +530,7 @@ def _entering_h(hs, h0, hr, mask, resets, reverse):
     src_in = _shift(src_after, jnp.full_like(src_after[0], -1), reverse)  # entering t: carried after t-1
     if resets is not None:
         src_in = jnp.where(resets, -2, src_in)
-    gathered = jnp.take_along_axis(hs, jnp.maximum(src_in, 0)[..., None], axis=0)
-    start = h0[None] if resets is None else jnp.where((src_in == -2)[..., None], hr[None], h0[None])
-    return jnp.where((src_in >= 0)[..., None], gathered, start)
+    return src_in
 
 
 def _contract(a, b_, like, acc):

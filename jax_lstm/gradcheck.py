@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_lstm.bptt import lstm
-from jax_lstm.cell import LSTMParams, LSTMState, init_params
+from jax_lstm.cell import LSTMParams, LSTMState, hidden_out_size, init_params
 from jax_lstm.reference import lstm_ref
 
 __all__ = ["random_problem", "random_like", "rel_err", "vjp_errors", "fd_error", "main"]
@@ -35,7 +35,7 @@ def random_problem(seed: int, T: int, B: int, D: int, H: int, dtype=jnp.float64,
     """
     ks = jax.random.split(jax.random.PRNGKey(seed), 7)
     p = init_params(ks[0], D, H, dtype=dtype)
-    p = LSTMParams(*(a + 0.5 * jax.random.normal(k, a.shape, dtype) for a, k in zip(p, ks[1:4], strict=True)))
+    p = LSTMParams(*(a + 0.5 * jax.random.normal(k, a.shape, dtype) for a, k in zip(p[:3], ks[1:4], strict=True)))
     xs = jax.random.normal(ks[4], (T, B, D), dtype)
     s0 = None
     if with_state:
@@ -72,8 +72,9 @@ class VJPErrors(NamedTuple):
 def vjp_errors(params, xs, state0, *, seed: int = 0, **kwargs) -> VJPErrors:
     """Compare values and VJPs of ``lstm`` and ``lstm_ref`` with one random cotangent on all outputs."""
     if state0 is None:
-        B, H = xs.shape[1], params.W.shape[0]
-        state0 = LSTMState(jnp.zeros((B, H), xs.dtype), jnp.zeros((B, H), xs.dtype))
+        B, H = xs.shape[1], params.U.shape[1] // 4
+        N = hidden_out_size(params)  # the size of h: P with a projection
+        state0 = LSTMState(jnp.zeros((B, N), xs.dtype), jnp.zeros((B, H), xs.dtype))
 
     def run(fn):
         return jax.vjp(lambda p, x, s: fn(p, x, s, **kwargs), params, xs, state0)

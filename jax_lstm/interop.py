@@ -113,18 +113,36 @@ def _from_ours(a: np.ndarray, order: str, axis: int) -> np.ndarray:
     return np.concatenate([blocks[_OURS.index(gate)] for gate in order], axis=axis)
 
 
-def _params_np(params, name: str = "params") -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-    """Validate one ``LSTMParams`` and return (W, U, b, D, H) as NumPy arrays."""
-    if not (isinstance(params, tuple) and len(params) == 3):
+def _params_np(
+    params, name: str = "params", *, allow_proj: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Validate one ``LSTMParams`` and return (W, U, b, D, H) as NumPy arrays.
+
+    The other libraries' cells have no peepholes or layer norm, and only
+    PyTorch's (``allow_proj``) a projection: such params are refused.
+    """
+    if not (isinstance(params, tuple) and 3 <= len(params) <= 6):
         raise TypeError(f"{name} must be LSTMParams(W, U, b), got {type(params).__name__}")
-    W, U, b = (_np(a, f"{name}.{f}") for a, f in zip(params, "WUb", strict=True))
-    if W.ndim != 2 or W.shape[1] != 4 * W.shape[0]:
+    p = LSTMParams(*params)
+    for field in ("peephole", "norm") + (() if allow_proj else ("W_proj",)):
+        if getattr(p, field) is not None:
+            raise ValueError(f"{name}.{field} is set: this library's LSTM has no {_VARIANT_NAMES[field]}")
+    W, U, b = (_np(a, f"{name}.{f}") for a, f in zip(p[:3], "WUb", strict=True))
+    if p.W_proj is not None:
+        W_proj = _np(p.W_proj, f"{name}.W_proj")
+        H = W_proj.shape[0] if W_proj.ndim == 2 else -1
+        if W_proj.ndim != 2 or W.ndim != 2 or W.shape != (W_proj.shape[1], 4 * H):
+            raise ValueError(f"{name}.W has shape {W.shape}, expected (P, 4H) to match {name}.W_proj {W_proj.shape}")
+    elif W.ndim != 2 or W.shape[1] != 4 * W.shape[0]:
         raise ValueError(f"{name}.W has shape {W.shape}, expected (H, 4H)")
-    H = W.shape[0]
+    H = W.shape[1] // 4
     if U.ndim != 2 or U.shape[1] != 4 * H:
         raise ValueError(f"{name}.U has shape {U.shape}, expected (D, {4 * H}) to match {name}.W {W.shape}")
     _check_shape(b, f"{name}.b", (4 * H,), f"to match {name}.W {W.shape}")
     return W, U, b, U.shape[0], H
+
+
+_VARIANT_NAMES = {"W_proj": "projection (proj_size)", "peephole": "peephole connections", "norm": "layer norm"}
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -165,17 +183,14 @@ def from_torch(state_dict, *, prefix: str = "", dtype=None) -> StackParams:
 
     Raises:
       KeyError: a required key (e.g. ``weight_hh_l1_reverse``) is missing.
-      ValueError: a wrong shape, naming the key; or ``proj_size > 0``
-        (``weight_hr_l{k}`` present), which this LSTM does not implement.
+      ValueError: a wrong shape, naming the key.
+
+    A module built with ``proj_size=P`` (keys ``weight_hr_l{k}[_reverse]``,
+    (P, H)) computes ``h_t = weight_hr @ (o_t * tanh(c_t))``: ``W_proj =
+    weight_hr.T`` (H, P), and ``weight_hh`` is (4H, P), so ``W`` is (P, 4H).
     """
     sd = _torch_dict(state_dict, prefix)
     found = {m.groups(): k for k in sd if (m := _TORCH_KEY.match(k))}
-    proj = sorted(prefix + k for (kind, _, _), k in found.items() if kind == "weight_hr")
-    if proj:
-        raise ValueError(
-            f"torch.nn.LSTM with proj_size > 0 is not supported (found {', '.join(proj)}): "
-            "this LSTM has no projection of h_t"
-        )
     layers = sorted({int(n) for _, n, _ in found})
     if not layers:
         raise KeyError(f"{prefix}weight_ih_l0 not found: not a torch.nn.LSTM state dict (keys: {sorted(sd)[:8]})")
@@ -194,9 +209,16 @@ def from_torch(state_dict, *, prefix: str = "", dtype=None) -> StackParams:
         for suffix in suffixes:
             name = lambda kind, k=k, suffix=suffix: f"{prefix}{kind}_l{k}{suffix}"  # noqa: E731
             w_hh = get("weight_hh", k, suffix)
-            if w_hh.ndim != 2 or w_hh.shape[0] != 4 * w_hh.shape[1]:
-                raise ValueError(f"{name('weight_hh')} has shape {w_hh.shape}, expected (4H, H)")
-            H = w_hh.shape[1]
+            w_hr = get("weight_hr", k, suffix) if f"weight_hr_l{k}{suffix}" in sd else None
+            if w_hr is None:
+                if w_hh.ndim != 2 or w_hh.shape[0] != 4 * w_hh.shape[1]:
+                    raise ValueError(f"{name('weight_hh')} has shape {w_hh.shape}, expected (4H, H)")
+                H = w_hh.shape[1]
+            else:  # proj_size = P: h_t = weight_hr @ (o * tanh(c_t)), weight_hr (P, H), weight_hh (4H, P)
+                if w_hr.ndim != 2 or not 0 < w_hr.shape[0] < w_hr.shape[1]:
+                    raise ValueError(f"{name('weight_hr')} has shape {w_hr.shape}, expected (P, H) with 0 < P < H")
+                H = w_hr.shape[1]
+                _check_shape(w_hh, name("weight_hh"), (4 * H, w_hr.shape[0]), f"to match {name('weight_hr')}")
             w_ih = get("weight_ih", k, suffix)
             if w_ih.ndim != 2 or w_ih.shape[0] != 4 * H or (d_in is not None and w_ih.shape[1] != d_in):
                 want = f"({4 * H}, {d_in})" if d_in is not None else f"({4 * H}, D)"
@@ -218,9 +240,10 @@ def from_torch(state_dict, *, prefix: str = "", dtype=None) -> StackParams:
                     _out(_to_ours(w_hh, "ifgo", axis=0).T, dtype),
                     _out(_to_ours(w_ih, "ifgo", axis=0).T, dtype),
                     _out(_to_ours(b, "ifgo", axis=0), dtype),
+                    W_proj=None if w_hr is None else _out(w_hr.T, dtype),
                 )
             )
-        d_in = len(suffixes) * layer[0].W.shape[0]
+        d_in = len(suffixes) * layer[0].W.shape[0]  # H, or P with a projection
         out.append(tuple(layer))
     return tuple(out)
 
@@ -238,11 +261,14 @@ def _torch_layout(params) -> tuple[int, int]:
     """Check that a stack fits one ``torch.nn.LSTM``; return (hidden_size, directions)."""
     _, sizes = stack_sizes(params)
     H, n_dir = sizes[0][1], sizes[0][2]
+    projs = [getattr(layer[0], "W_proj", None) for layer in params]
+    P = [None if w is None else w.shape[1] for w in projs]
     for l, (_, H_l, n_l) in enumerate(sizes):
-        if H_l != H or n_l != n_dir:
+        if H_l != H or n_l != n_dir or P[l] != P[0]:
             raise ValueError(
-                f"torch.nn.LSTM has one hidden_size and one direction count for all layers: layer {l} has "
-                f"H={H_l} and {n_l} direction(s), layer 0 has H={H} and {n_dir}"
+                "torch.nn.LSTM has one hidden_size, one proj_size and one direction count for all layers: "
+                f"layer {l} has H={H_l}, P={P[l] or 0} and {n_l} direction(s), layer 0 has H={H}, P={P[0] or 0} "
+                f"and {n_dir}"
             )
     return H, n_dir
 
@@ -264,17 +290,20 @@ def to_torch(params, *, prefix: str = "") -> dict[str, Any]:
     Returns:
       A dict of ``torch.Tensor`` in ``state_dict`` order: for each layer, for
       each direction, ``weight_ih`` (4H, D_l), ``weight_hh`` (4H, H),
-      ``bias_ih`` (4H,), ``bias_hh`` (4H,), gate rows i, f, g, o.
+      ``bias_ih`` (4H,), ``bias_hh`` (4H,), gate rows i, f, g, o, and
+      ``weight_hr`` (P, H) for params with a projection (``proj_size=P``).
     """
     _torch_layout(params)
     sd = {}
     for k, layer in enumerate(params):
         for p, suffix in zip(layer, ("", "_reverse"), strict=False):
-            W, U, b, _, _ = _params_np(p, f"params[{k}][{len(suffix) > 0:d}]")
+            W, U, b, _, _ = _params_np(p, f"params[{k}][{len(suffix) > 0:d}]", allow_proj=True)
             sd[f"{prefix}weight_ih_l{k}{suffix}"] = _torch_tensor(_from_ours(U.T, "ifgo", axis=0))
             sd[f"{prefix}weight_hh_l{k}{suffix}"] = _torch_tensor(_from_ours(W.T, "ifgo", axis=0))
             sd[f"{prefix}bias_ih_l{k}{suffix}"] = _torch_tensor(_from_ours(b, "ifgo", axis=0))
             sd[f"{prefix}bias_hh_l{k}{suffix}"] = _torch_tensor(np.zeros_like(b))
+            if p.W_proj is not None:  # proj_size: weight_hr (P, H)
+                sd[f"{prefix}weight_hr_l{k}{suffix}"] = _torch_tensor(_np(p.W_proj, "W_proj").T)
     return sd
 
 
@@ -288,7 +317,8 @@ def states_from_torch(h, c, *, bidirectional: bool, dtype=None) -> StackState:
     n_dir = 2 if bidirectional else 1
     if h.ndim != 3 or h.shape[0] % n_dir:
         raise ValueError(f"h has shape {h.shape}, expected (num_layers * {n_dir}, B, H)")
-    _check_shape(c, "c", h.shape, "to match h")
+    if c.ndim != 3 or c.shape[:2] != h.shape[:2]:  # with proj_size, h is (L * dirs, B, P) and c (L * dirs, B, H)
+        raise ValueError(f"c has shape {c.shape}, expected ({h.shape[0]}, {h.shape[1]}, H) to match h {h.shape}")
     return tuple(
         tuple(LSTMState(_out(h[k * n_dir + d], dtype), _out(c[k * n_dir + d], dtype)) for d in range(n_dir))
         for k in range(h.shape[0] // n_dir)

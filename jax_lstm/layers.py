@@ -12,7 +12,8 @@ checkpointing handle as they are)::
 layer ``params[l][1]`` is the reverse direction. Layer ``l`` has input size
 ``D_l`` (``D_0`` is the size of ``xs``) and hidden size ``H_l``; its output is
 ``(T, B, H_l)``, or ``(T, B, 2 * H_l)`` when bidirectional (forward half
-first), and that is ``D_{l+1}``.
+first), and that is ``D_{l+1}``. A layer with a projection (``proj_size``)
+outputs ``P_l`` in place of ``H_l``.
 
 Layer ``l`` computes (``dropout`` is inverted dropout with its own mask per layer)::
 
@@ -34,7 +35,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_lstm._inputs import check_lengths, check_rate, check_size, check_state, check_step_flags, shape_error
+from jax_lstm._inputs import (
+    check_lengths,
+    check_params,
+    check_rate,
+    check_size,
+    check_state,
+    check_step_flags,
+    shape_error,
+)
 from jax_lstm.bptt import lstm
 from jax_lstm.cell import LSTMParams, LSTMState, init_params
 from jax_lstm.reference import LSTMTrace, lstm_ref, lstm_trace
@@ -48,6 +57,7 @@ __all__ = [
     "lstm_stack",
     "gate_trace_stack",
     "stack_sizes",
+    "stack_out_sizes",
 ]
 
 LayerParams = tuple[LSTMParams, ...]
@@ -65,6 +75,9 @@ def init_stack(
     hidden_sizes: Sequence[int],
     *,
     bidirectional: bool = False,
+    proj_size: int | Sequence[int] = 0,
+    peephole: bool = False,
+    layer_norm: bool = False,
     forget_bias: float = 1.0,
     dtype=jnp.float32,
 ) -> StackParams:
@@ -75,14 +88,18 @@ def init_stack(
       input_size: D, the size of each input vector x_t.
       hidden_sizes: H_l for each layer, bottom first; sizes may differ.
       bidirectional: give every layer a reverse direction; the next layer's
-        input size is then 2 * H_l.
+        input size is then 2 * H_l (2 * P_l projected).
+      proj_size: P_l, 0 < P_l < H_l, projects each layer's output (0: none);
+        one int for every layer, or one per layer.
+      peephole: peephole connections in every layer.
+      layer_norm: layer normalisation in every layer.
       forget_bias: initial value of every forget-gate bias block.
       dtype: dtype of all weights.
 
     Returns:
       ``StackParams``: a tuple with one entry per layer, each a tuple of one
       ``LSTMParams`` (forward) or two (forward, reverse) with
-      W: (H_l, 4 H_l), U: (D_l, 4 H_l), b: (4 H_l,).
+      W: (H_l, 4 H_l) ((P_l, 4 H_l) projected), U: (D_l, 4 H_l), b: (4 H_l,).
     """
     if isinstance(hidden_sizes, (int, np.integer)) or not isinstance(hidden_sizes, Sequence):
         raise TypeError(f"hidden_sizes must be a sequence of ints, one per layer, got {hidden_sizes!r}")
@@ -90,15 +107,28 @@ def init_stack(
         raise ValueError("hidden_sizes must name at least one layer, got an empty sequence")
     hidden_sizes = [check_size(f"hidden_sizes[{l}]", h) for l, h in enumerate(hidden_sizes)]
     input_size = check_size("input_size", input_size)
+    if isinstance(proj_size, Sequence):
+        if len(proj_size) != len(hidden_sizes):
+            raise ValueError(
+                f"proj_size must be one int or one per layer ({len(hidden_sizes)}), got {len(proj_size)} sizes"
+            )
+        proj = [check_size(f"proj_size[{l}]", n, minimum=0) for l, n in enumerate(proj_size)]
+    else:
+        proj = [check_size("proj_size", proj_size, minimum=0)] * len(hidden_sizes)
     n_dir = 2 if bidirectional else 1
     keys = jax.random.split(key, len(hidden_sizes) * n_dir)  # raw uint32 keys or typed keys (nnx.Rngs) alike
     keys = keys.reshape(len(hidden_sizes), n_dir, *keys.shape[1:])
     layers, d = [], int(input_size)
     for l, h in enumerate(hidden_sizes):
-        layers.append(
-            tuple(init_params(keys[l, k], d, int(h), forget_bias=forget_bias, dtype=dtype) for k in range(n_dir))
-        )
-        d = n_dir * int(h)
+        opts = {"proj_size": proj[l], "peephole": peephole, "layer_norm": layer_norm}
+        try:
+            layer = tuple(
+                init_params(keys[l, k], d, int(h), **opts, forget_bias=forget_bias, dtype=dtype) for k in range(n_dir)
+            )
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"layer {l}: {e}") from e
+        layers.append(layer)
+        d = n_dir * (proj[l] or int(h))
     return tuple(layers)
 
 
@@ -108,8 +138,19 @@ def stack_sizes(params) -> tuple[int, list[tuple[int, int, int]]]:
     Returns:
       (D_0, [(D_l, H_l, directions_l) for each layer]). Raises ``TypeError`` /
       ``ValueError`` naming the offending entry, e.g. ``params[1][0].U``, and
-      the shapes involved.
+      the shapes involved. ``stack_out_sizes`` gives each layer's output size.
     """
+    d0, layout = _stack_layout(params)
+    return d0, [(D, H, n) for D, H, n, _ in layout]
+
+
+def stack_out_sizes(params) -> list[int]:
+    """The size of h_t in each layer: P_l with a projection, else H_l (one direction)."""
+    return [H if P is None else P for _, H, _, P in _stack_layout(params)[1]]
+
+
+def _stack_layout(params) -> tuple[int, list[tuple[int, int, int, int | None]]]:
+    """(D_0, [(D_l, H_l, directions_l, P_l or None)]) after validating the stack."""
     if isinstance(params, LSTMParams) or not isinstance(params, (tuple, list)) or len(params) == 0:
         raise TypeError(
             "params must be a non-empty tuple of layers, each a tuple of one (forward) or two "
@@ -124,33 +165,21 @@ def stack_sizes(params) -> tuple[int, list[tuple[int, int, int]]]:
             )
         shapes = []
         for k, p in enumerate(layer):
-            name = f"params[{l}][{k}]"
-            if not (isinstance(p, tuple) and len(p) == 3):
-                raise TypeError(f"{name} must be LSTMParams(W, U, b), got {type(p).__name__}")
-            W, U, b = (getattr(a, "shape", None) for a in p)
-            W, U, b = (None if s is None else tuple(s) for s in (W, U, b))
-            if W is None or len(W) != 2 or W[1] != 4 * W[0]:
-                raise ValueError(f"{name}.W has shape {W}, expected (H, 4H)")
-            H = W[0]
-            if U is None or len(U) != 2 or U[1] != 4 * H:
-                raise ValueError(f"{name}.U has shape {U}, expected (D, {4 * H}) to match {name}.W {W}")
-            if b != (4 * H,):
-                raise ValueError(f"{name}.b has shape {b}, expected ({4 * H},) to match {name}.W {W}")
-            shapes.append((U[0], H))
+            shapes.append(check_params(p, f"params[{l}][{k}]"))
         if len(shapes) == 2 and shapes[0] != shapes[1]:
             raise ValueError(
                 f"params[{l}]: the two directions must have the same sizes; forward U {tuple(layer[0][1].shape)}, "
                 f"W {tuple(layer[0][0].shape)}; reverse U {tuple(layer[1][1].shape)}, W {tuple(layer[1][0].shape)}"
             )
-        D, H = shapes[0]
+        D, H, P = shapes[0]
         if d_in is not None and D != d_in:
             prev = "2 * " if len(params[l - 1]) == 2 else ""
             raise ValueError(
                 f"params[{l}][0].U has shape {tuple(layer[0][1].shape)}, expected ({d_in}, {4 * H}): layer {l} "
                 f"takes the output of layer {l - 1}, of size {prev}{params[l - 1][0][0].shape[0]} = {d_in}"
             )
-        sizes.append((D, H, len(layer)))
-        d_in = len(layer) * H
+        sizes.append((D, H, len(layer), P))
+        d_in = len(layer) * (H if P is None else P)
     return sizes[0][0], sizes
 
 
@@ -164,7 +193,7 @@ def _check_states0(states0, sizes, B, name: str = "states0") -> None:
             f"one LSTMState per direction; got {type(states0).__name__}"
             + (f" of length {len(states0)}" if isinstance(states0, (tuple, list)) else "")
         )
-    for l, (layer_state, (_, H, n_dir)) in enumerate(zip(states0, sizes, strict=True)):
+    for l, (layer_state, (_, H, n_dir, P)) in enumerate(zip(states0, sizes, strict=True)):
         if layer_state is None:
             continue
         bad = isinstance(layer_state, LSTMState) or not isinstance(layer_state, (tuple, list))
@@ -174,7 +203,8 @@ def _check_states0(states0, sizes, B, name: str = "states0") -> None:
                 f"got {type(layer_state).__name__}"
             )
         for k, s in enumerate(layer_state):
-            check_state(f"{name}[{l}][{k}]", s, B, H, f"from xs and params[{l}][{k}].W", dims=f"(B, H_{l})")
+            where = f"from xs and params[{l}][{k}].W"
+            check_state(f"{name}[{l}][{k}]", s, B, H, where, dims=f"(B, H_{l})", P=P)
 
 
 def _check_xs(xs, D0, seq_lengths, mask=None, resets=None, time_major=True):
@@ -271,7 +301,7 @@ def lstm_stack(
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {sorted(IMPLS)}, got {impl!r}")
     fn = IMPLS[impl]
-    D0, sizes = stack_sizes(params)
+    D0, sizes = _stack_layout(params)
     B = _check_xs(xs, D0, seq_lengths, mask, resets, time_major)
     _check_states0(states0, sizes, B)
     _check_states0(reset_states, sizes, B, "reset_states")
@@ -357,12 +387,12 @@ def gate_trace_stack(
       gate_fn, activation_fn: element-wise activations, as in ``lstm_stack``.
 
     Returns:
-      Per layer a tuple with one ``LSTMTrace`` per direction; each of its
+      Per layer a tuple with one ``LSTMTrace`` (``LayerNormTrace`` with layer norm) per direction; each of its
       fields f, i, g, o, c, h is (T, B, H_l) ((B, T, H_l) batch-major), zero at
       skipped steps. The last layer's ``h`` (concatenated over directions)
       equals ``lstm_stack``'s hs.
     """
-    D0, sizes = stack_sizes(params)
+    D0, sizes = _stack_layout(params)
     B = _check_xs(xs, D0, seq_lengths, mask, resets, time_major)
     _check_states0(states0, sizes, B)
     _check_states0(reset_states, sizes, B, "reset_states")
@@ -389,8 +419,9 @@ def gate_trace_stack(
             for k, p in enumerate(layer)
         )
         traces.append(layer_traces)
-        dtype = jnp.result_type(*layer[0], x)
+        dtype = jnp.result_type(*jax.tree.leaves(layer[0]), x)
         x = jnp.concatenate([t.h for t in layer_traces], axis=-1).astype(dtype)
     if not time_major:
-        traces = [tuple(LSTMTrace(*(jnp.swapaxes(v, 0, 1) for v in t)) for t in layer) for layer in traces]
+        flip = lambda v: None if v is None else jnp.swapaxes(v, 0, 1)  # noqa: E731
+        traces = [tuple(type(t)(*(flip(v) for v in t)) for t in layer) for layer in traces]
     return tuple(traces)

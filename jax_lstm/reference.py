@@ -14,9 +14,17 @@ import jax
 import jax.numpy as jnp
 
 from jax_lstm._inputs import Prepared, prepare
-from jax_lstm.cell import LSTMState, cell_update, gate_activations, preactivations, split_gates
+from jax_lstm.cell import (
+    LSTMState,
+    cell_update,
+    family_step,
+    gate_activations,
+    is_plain,
+    preactivations,
+    split_gates,
+)
 
-__all__ = ["lstm_ref", "lstm_trace", "LSTMTrace"]
+__all__ = ["lstm_ref", "lstm_trace", "LSTMTrace", "LayerNormTrace"]
 
 
 def lstm_ref(
@@ -39,7 +47,9 @@ def lstm_ref(
     """Run an LSTM layer over a sequence with ``lax.scan``; gradients by autodiff.
 
     Args:
-      params: ``LSTMParams`` with W: (H, 4H), U: (D, 4H), b: (4H,).
+      params: ``LSTMParams`` with W: (H, 4H), U: (D, 4H), b: (4H,), and
+        optionally W_proj, peephole, norm (``jax_lstm.cell``); with a
+        projection h (in states, hs, reset states, dropout) is (B, P).
       xs: (T, B, D) inputs, time-major; (B, T, D) with ``time_major=False``.
       state0: ``LSTMState`` with h, c: (B, H); None means zeros.
       seq_lengths: optional (B,) integer lengths; steps t >= seq_lengths[b] are
@@ -80,8 +90,8 @@ def lstm_ref(
     mask, resets = _step_flags(a)
 
     def step(state, inp):
-        state, (*_, h_t) = _step(a, gate_fn, activation_fn, state, *inp)
-        return state, h_t
+        state, out = _step(a, gate_fn, activation_fn, state, *inp)
+        return state, out[5]  # h_t
 
     final, hs = jax.lax.scan(step, a.state0, (a.xs, mask, resets), reverse=reverse, unroll=unroll)
     hs = hs.astype(a.dtype)
@@ -108,17 +118,22 @@ def _step(a: Prepared, gate_fn, activation_fn, state: LSTMState, x_t, m_t, r_t):
     h_in = state.h if a.keep is None else state.h * a.keep
     if a.mask is not None:
         x_t = jnp.where(m, x_t, jnp.zeros_like(x_t))
+    zero = lambda v: None if v is None else jnp.where(m, v, jnp.zeros_like(v))  # noqa: E731
+    if not is_plain(a.params):  # projection, peepholes, layer norm: the family's step
+        s = family_step(a.params, h_in, state.c, x_t, state.h.dtype, gate_fn, activation_fn)
+        new = LSTMState(jnp.where(m, s.h, state.h), jnp.where(m, s.c, state.c))
+        return new, tuple(zero(v) for v in (s.f, s.i, s.g, s.o, s.c, s.h, s.x_norm, s.h_norm, s.c_norm))
     act = gate_activations(preactivations(a.params, h_in, x_t, state.h.dtype), gate_fn, activation_fn)
     c, _, h = cell_update(state.c, act, activation_fn)
     new = LSTMState(jnp.where(m, h, state.h), jnp.where(m, c, state.c))
-    zero = lambda v: jnp.where(m, v, jnp.zeros_like(v))  # noqa: E731
     return new, tuple(zero(v) for v in (*split_gates(act), c, h))
 
 
 class LSTMTrace(NamedTuple):
     """Every intermediate of a sequence run, each (T, B, H), in acc dtype.
 
-    At padded steps (t >= seq_lengths[b]) all six are zero.
+    At padded steps (t >= seq_lengths[b]) all six are zero. With a projection
+    h is (T, B, P).
     """
 
     f: jax.Array
@@ -127,6 +142,20 @@ class LSTMTrace(NamedTuple):
     o: jax.Array
     c: jax.Array
     h: jax.Array
+
+
+class LayerNormTrace(NamedTuple):
+    """``LSTMTrace``'s six fields and the normalised values of the layer-normalised LSTM."""
+
+    f: jax.Array
+    i: jax.Array
+    g: jax.Array
+    o: jax.Array
+    c: jax.Array
+    h: jax.Array
+    x_norm: jax.Array  # (T, B, 4H) LN(x_t @ U) * gamma_x
+    h_norm: jax.Array  # (T, B, 4H) LN(h_{t-1} @ W) * gamma_h
+    c_norm: jax.Array  # (T, B, H)  LN(c_t) * gamma_c + beta_c
 
 
 def lstm_trace(
@@ -144,11 +173,13 @@ def lstm_trace(
     time_major=True,
     gate_fn=jax.nn.sigmoid,
     activation_fn=jnp.tanh,
-) -> LSTMTrace:
+) -> LSTMTrace | LayerNormTrace:
     """Gate inspection: f, i, g, o, c and h at every step, each (T, B, H) ((B, T, H) batch-major).
 
     Same arguments and semantics as ``lstm_ref``; ``trace.h`` equals its ``hs``.
-    All six are zero at skipped steps.
+    All six are zero at skipped steps. With layer norm (``params.norm``) the
+    result is a ``LayerNormTrace``, which adds x_norm, h_norm (T, B, 4H) and
+    c_norm (T, B, H), the normalised values, also zero at skipped steps.
     """
     a = prepare(
         params,
@@ -170,4 +201,5 @@ def lstm_trace(
         return _step(a, gate_fn, activation_fn, state, *inp)
 
     _, out = jax.lax.scan(step, a.state0, (a.xs, mask, resets), reverse=reverse)
-    return LSTMTrace(*(v if time_major else jnp.swapaxes(v, 0, 1) for v in out))
+    cls = LSTMTrace if a.params.norm is None else LayerNormTrace
+    return cls(*(v if time_major else jnp.swapaxes(v, 0, 1) for v in out[: len(cls._fields)]))

@@ -8,6 +8,13 @@ recurrent dropout of ``lstm`` and ``lstm_ref`` can be checked against it.
     f, i, o = sigmoid(z_f, z_i, z_o);  g = tanh(z_g)
     c_t = c_{t-1} * f + i * g;  h_t = tanh(c_t) * o
 
+The LSTM family, each part optional and written from its equations:
+
+    projection:  h_t = (tanh(c_t) * o) @ W_proj              W_proj (H, P); h is (B, P), W (P, 4H)
+    peepholes:   z_f += c_{t-1} * p[0];  z_i += c_{t-1} * p[1];  z_o += c_t * p[2]
+    layer norm:  z = LN(h_{t-1} @ W) * gamma_h + LN(x_t @ U) * gamma_x + b
+                 h_t = tanh(LN(c_t) * gamma_c + beta_c) * o   LN over the vector, eps 1e-5
+
 Values only; gradients are checked by finite differences of ``lstm_np``.
 """
 
@@ -22,6 +29,14 @@ __all__ = ["lstm_np", "lstm_np_scalar", "dropout_scale", "length_mask"]
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
+
+
+def _ln(v: np.ndarray) -> np.ndarray:
+    """Layer normalisation of one vector: (v - mean) / sqrt(variance + 1e-5)."""
+    n = v.shape[0]
+    mean = sum(float(e) for e in v) / n
+    var = sum((float(e) - mean) ** 2 for e in v) / n
+    return (v - mean) / math.sqrt(var + 1e-5)
 
 
 def length_mask(seq_lengths, T: int) -> np.ndarray:
@@ -54,6 +69,9 @@ def lstm_np(
     time_major: bool = True,
     gate_fn=None,
     activation_fn=None,
+    W_proj=None,
+    peephole=None,
+    norm=None,
 ):
     """Run one LSTM layer over a sequence, in float64, with a Python loop over rows and steps.
 
@@ -74,6 +92,9 @@ def lstm_np(
       time_major: layout of xs, mask, resets and the returned hs.
       gate_fn, activation_fn: NumPy element-wise functions for the gates (default the logistic
         sigmoid) and for g and c_t (default tanh).
+      W_proj: optional (H, P) projection of the output; h, h0, hr, keep_scale and hs are then of size P.
+      peephole: optional (3, H) peephole weights, rows f, i, o.
+      norm: optional (gamma_x (4H,), gamma_h (4H,), gamma_c (H,), beta_c (H,)) of the layer-normalised LSTM.
 
     Returns:
       (hs, h, c): hs (T, B, H) (or (B, T, H)), zero at skipped steps; h, c (B, H) the state after
@@ -86,20 +107,24 @@ def lstm_np(
         mask = None if mask is None else np.asarray(mask).T
         resets = None if resets is None else np.asarray(resets).T
     T, B, _ = xs.shape
-    H = W.shape[0]
-    h0 = np.zeros((B, H)) if h0 is None else np.asarray(h0, dtype=np.float64)
+    H = U.shape[1] // 4
+    N = H if W_proj is None else np.asarray(W_proj).shape[1]  # the size of h
+    Wp = None if W_proj is None else np.asarray(W_proj, dtype=np.float64)
+    peep = None if peephole is None else np.asarray(peephole, dtype=np.float64)
+    gx, gh, gc, bc = (None,) * 4 if norm is None else (np.asarray(a, dtype=np.float64) for a in norm)
+    h0 = np.zeros((B, N)) if h0 is None else np.asarray(h0, dtype=np.float64)
     c0 = np.zeros((B, H)) if c0 is None else np.asarray(c0, dtype=np.float64)
-    hr = np.zeros((B, H)) if hr is None else np.asarray(hr, dtype=np.float64)
+    hr = np.zeros((B, N)) if hr is None else np.asarray(hr, dtype=np.float64)
     cr = np.zeros((B, H)) if cr is None else np.asarray(cr, dtype=np.float64)
     sig = _sigmoid if gate_fn is None else gate_fn
     act = np.tanh if activation_fn is None else activation_fn
-    scale = np.ones((B, H)) if keep_scale is None else np.asarray(keep_scale, dtype=np.float64)
+    scale = np.ones((B, N)) if keep_scale is None else np.asarray(keep_scale, dtype=np.float64)
     lengths = None if seq_lengths is None else [int(v) for v in np.asarray(seq_lengths).tolist()]
     mask = None if mask is None else np.asarray(mask, dtype=bool)
     resets = None if resets is None else np.asarray(resets, dtype=bool)
 
-    hs = np.zeros((T, B, H))
-    h_out, c_out = np.zeros((B, H)), np.zeros((B, H))
+    hs = np.zeros((T, B, N))
+    h_out, c_out = np.zeros((B, N)), np.zeros((B, H))
     order = range(T - 1, -1, -1) if reverse else range(T)
     for r in range(B):
         h, c = h0[r].copy(), c0[r].copy()
@@ -113,13 +138,23 @@ def lstm_np(
                 runs = False
             if not runs:
                 continue
-            z = (h * scale[r]) @ W + xs[t, r] @ U + b
-            f = sig(z[0:H])
-            i = sig(z[H : 2 * H])
-            g = act(z[2 * H : 3 * H])
-            o = sig(z[3 * H : 4 * H])
+            rec, inp = (h * scale[r]) @ W, xs[t, r] @ U
+            if norm is not None:
+                rec, inp = _ln(rec) * gh, _ln(inp) * gx
+            z = rec + inp + b
+            z_f, z_i, z_g, z_o = z[0:H], z[H : 2 * H], z[2 * H : 3 * H], z[3 * H : 4 * H]
+            if peep is not None:
+                z_f, z_i = z_f + c * peep[0], z_i + c * peep[1]
+            f = sig(z_f)
+            i = sig(z_i)
+            g = act(z_g)
             c = c * f + i * g
-            h = act(c) * o
+            if peep is not None:
+                z_o = z_o + c * peep[2]
+            o = sig(z_o)
+            h = act(c if norm is None else _ln(c) * gc + bc) * o
+            if Wp is not None:
+                h = h @ Wp
             hs[t, r] = h
         h_out[r], c_out[r] = h, c
     if not time_major:

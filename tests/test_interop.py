@@ -69,23 +69,31 @@ def _ours_vjp(packed, params, xs, s0, seq_lengths, cts):
     return y, vjp(cts)
 
 
-TORCH_CASES = [(L, bi, dt, True) for L in (1, 2) for bi in (False, True) for dt in ("float32", "float64")] + [
-    (2, True, "float64", False)
+TORCH_CASES = [(L, bi, dt, True, 0) for L in (1, 2) for bi in (False, True) for dt in ("float32", "float64")] + [
+    (2, True, "float64", False, 0)
+]
+# PyTorch's projection LSTM (proj_size=P, weight_hr_l{k}): 1 to 3 layers, bidirectional, packed sequences
+TORCH_PROJ_CASES = [
+    (1, False, "float64", True, 3),
+    (2, True, "float32", True, 2),
+    (3, True, "float64", True, 3),
+    (3, False, "float32", False, 4),
 ]
 
 
-@pytest.mark.parametrize("num_layers,bidirectional,dtype,packed", TORCH_CASES)
-def test_torch_values_and_gradients(torch, num_layers, bidirectional, dtype, packed):
+@pytest.mark.parametrize("num_layers,bidirectional,dtype,packed,proj_size", TORCH_CASES + TORCH_PROJ_CASES)
+def test_torch_values_and_gradients(torch, num_layers, bidirectional, dtype, packed, proj_size):
     """Outputs, final states and the gradients w.r.t. inputs, initial states and every weight vs PyTorch autograd."""
     tdtype = getattr(torch, dtype)
     n_dir = 2 if bidirectional else 1
-    m = _torch_lstm(torch, num_layers, bidirectional, dtype)
+    N = proj_size or H  # the size of h
+    m = _torch_lstm(torch, num_layers, bidirectional, dtype, proj_size=proj_size)
     rng = np.random.default_rng(num_layers * 10 + bidirectional)
     x = torch.tensor(rng.standard_normal((T, B, D)), dtype=tdtype, requires_grad=True)
-    h0, c0 = (torch.tensor(rng.standard_normal((num_layers * n_dir, B, H)), dtype=tdtype, requires_grad=True)
-              for _ in range(2))  # fmt: skip
-    d_out = rng.standard_normal((T, B, n_dir * H))
-    d_h, d_c = rng.standard_normal((2, num_layers * n_dir, B, H))
+    h0, c0 = (torch.tensor(rng.standard_normal((num_layers * n_dir, B, n)), dtype=tdtype, requires_grad=True)
+              for n in (N, H))  # fmt: skip
+    d_out = rng.standard_normal((T, B, n_dir * N))
+    d_h, d_c = (rng.standard_normal((num_layers * n_dir, B, n)) for n in (N, H))
 
     # PyTorch, with the padded outputs of pad_packed_sequence (zeros at padding, like ours)
     if packed:
@@ -102,6 +110,7 @@ def test_torch_values_and_gradients(torch, num_layers, bidirectional, dtype, pac
     # ours, through the converted weights
     params = from_torch(m.state_dict())
     assert len(params) == num_layers and all(len(layer) == n_dir for layer in params)
+    assert all((p.W_proj is None) == (proj_size == 0) for layer in params for p in layer)
     assert all(a.dtype == jnp.dtype(dtype) for a in jax.tree.leaves(params))
     s0 = states_from_torch(h0, c0, bidirectional=bidirectional)
     cts = (jnp.asarray(d_out, dtype), states_from_torch(d_h, d_c, bidirectional=bidirectional, dtype=dtype))
@@ -166,6 +175,29 @@ def test_torch_round_trips(torch):
     assert all(torch.equal(a, b) for a, b in zip(states_to_torch(states), (h, c), strict=True))
 
 
+def test_torch_projection_round_trips(torch):
+    m = _torch_lstm(torch, 2, True, "float64", seed=3, proj_size=2)
+    sd = m.state_dict()
+    params = from_torch(sd)
+    assert params[0][1].W.shape == (2, 4 * H) and params[1][0].U.shape == (4, 4 * H)
+    assert params[1][1].W_proj.shape == (H, 2)
+    back = to_torch(params)
+    assert list(back) == list(sd)  # weight_hr_l{k}[_reverse] included, in state_dict order
+    for k, v in sd.items():
+        if k.startswith("weight"):
+            np.testing.assert_array_equal(_np(back[k]), _np(v))  # bit for bit, weight_hr included
+    assert rel_err(from_torch(back), params) == 0.0
+    ours = init_stack(jax.random.PRNGKey(1), D, (H, H), bidirectional=True, proj_size=2, dtype=jnp.float64)
+    assert rel_err(from_torch(to_torch(ours)), ours) == 0.0
+    m.load_state_dict(to_torch(ours), strict=True)
+    x = torch.randn(T, B, D, dtype=torch.float64)
+    assert rel_err(lstm_stack(ours, jnp.asarray(_np(x)))[0], _np(m(x)[0])) < 1e-12
+    h, c = torch.randn(4, B, 2, dtype=torch.float64), torch.randn(4, B, H, dtype=torch.float64)
+    states = states_from_torch(h, c, bidirectional=True)
+    assert states[1][0].h.shape == (B, 2) and states[1][0].c.shape == (B, H)
+    assert all(torch.equal(a, b) for a, b in zip(states_to_torch(states), (h, c), strict=True))
+
+
 def test_torch_without_bias_and_float64_default(torch):
     m = _torch_lstm(torch, 1, False, "float64", bias=False)
     (p,) = from_torch(m.state_dict())[0]
@@ -192,8 +224,16 @@ def test_torch_errors(torch):
         from_torch(sd | {"weight_ih_l1": np.zeros((20, 5), np.float32)})
     with pytest.raises(ValueError, match=r"weight_hh_l0 has shape \(20, 4\), expected \(4H, H\)"):
         from_torch(sd | {"weight_hh_l0": np.zeros((20, 4), np.float32)})
-    with pytest.raises(ValueError, match=r"proj_size > 0 is not supported \(found weight_hr_l0"):
-        from_torch(torch.nn.LSTM(D, H, proj_size=2).state_dict())
+    proj = {k: _np(v) for k, v in torch.nn.LSTM(D, H, proj_size=2).state_dict().items()}
+    with pytest.raises(ValueError, match=r"weight_hr_l0 has shape \(5, 5\), expected \(P, H\) with 0 < P < H"):
+        from_torch(proj | {"weight_hr_l0": np.zeros((5, 5), np.float32)})
+    with pytest.raises(ValueError, match=r"weight_hh_l0 has shape \(20, 5\), expected \(20, 2\)"):
+        from_torch(proj | {"weight_hh_l0": np.zeros((20, 5), np.float32)})
+    mixed = init_stack(jax.random.PRNGKey(0), D, (H, H), proj_size=[2, 0])
+    with pytest.raises(ValueError, match="one proj_size"):
+        to_torch(mixed)
+    with pytest.raises(ValueError, match=r"params\[0\]\[0\]\.peephole is set: this library's LSTM has no peephole"):
+        to_torch(init_stack(jax.random.PRNGKey(0), D, (H,), peephole=True))
     uneven = init_stack(jax.random.PRNGKey(0), D, (H, H + 1))
     with pytest.raises(ValueError, match="one hidden_size"):
         to_torch(uneven)
