@@ -348,24 +348,15 @@ def _forward(W, U, b, xs, h0, c0, hr, cr, mask, resets, keep, *, reverse, unroll
             res = (coef, jnp.concatenate([dcdh, f_keep], axis=-1))
         return h_new, c_new, out, res
 
-    def row(a, t):
-        return None if a is None else jax.lax.dynamic_index_in_dim(a, t, keepdims=False)
-
     if not save:
-
-        def step(carry, inp):
-            h, c, out, _ = cell(*carry, *inp)
-            return (h, c), out
-
-        (h, c), hs = jax.lax.scan(step, (h0, c0), (xp, mask, resets), reverse=reverse, unroll=unroll)
-        return hs, h, c
+        return _scan_outputs(cell, h0, c0, xp, mask, resets, reverse, unroll)
 
     # With residuals: a loop over t that reads row t of xp and writes the coefficients
     # back into that same row, so they need no (T, B, 4H) buffer of their own.
     def body(k, carry):
         h, c, buf, dcdh_f, hs = carry
         t = (T - 1 - k if reverse else k).astype(jnp.uint32)  # unsigned: no wrap-around of negative indices
-        h, c, out, (coef, df) = cell(h, c, row(buf, t), row(mask, t), row(resets, t))
+        h, c, out, (coef, df) = cell(h, c, _row(buf, t), _row(mask, t), _row(resets, t))
         buf = jax.lax.dynamic_update_index_in_dim(buf, coef, t, 0)
         dcdh_f = jax.lax.dynamic_update_index_in_dim(dcdh_f, df, t, 0)
         hs = jax.lax.dynamic_update_index_in_dim(hs, out, t, 0)
@@ -376,6 +367,22 @@ def _forward(W, U, b, xs, h0, c0, hr, cr, mask, resets, keep, *, reverse, unroll
     init = (h0, c0, *(make_varying(a, axes) for a in buffers))
     h, c, coef, dcdh_f, hs = jax.lax.fori_loop(0, T, body, init, unroll=unroll)
     return (hs, h, c), (coef, dcdh_f)
+
+
+def _row(a, t):
+    """Row t of a (T, ...) array, or None."""
+    return None if a is None else jax.lax.dynamic_index_in_dim(a, t, keepdims=False)
+
+
+def _scan_outputs(cell, h0, c0, xp, mask, resets, reverse, unroll):
+    """The forward without residuals: ``cell(h, c, xp_t, m_t, r_t) -> (h, c, out, _)`` scanned over time."""
+
+    def step(carry, inp):
+        h, c, out, _ = cell(*carry, *inp)
+        return (h, c), out
+
+    (h, c), hs = jax.lax.scan(step, (h0, c0), (xp, mask, resets), reverse=reverse, unroll=unroll)
+    return hs, h, c
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,19 @@ import jax.numpy as jnp
 
 from jax_lstm import _vmap_fold as fold
 from jax_lstm._sharding import make_varying, sum_over_extra_axes, varying_axes
-from jax_lstm.bptt import _CORE_IN, _CORE_OUT, _R0, _R1, _W, _contract, _entering_h, _entering_src, _Kernels
+from jax_lstm.bptt import (
+    _CORE_IN,
+    _CORE_OUT,
+    _R0,
+    _R1,
+    _W,
+    _contract,
+    _entering_h,
+    _entering_src,
+    _Kernels,
+    _row,
+    _scan_outputs,
+)
 from jax_lstm.cell import LN_EPS, split_gates
 
 __all__ = ["run_family"]
@@ -232,17 +244,8 @@ def _family_forward(
             res = (res["coef"], jnp.concatenate([res["dndm"], res["f"]], axis=-1), res["m"], res["cs"])
         return h_new, c_new, out, res
 
-    def row(a, t):
-        return None if a is None else jax.lax.dynamic_index_in_dim(a, t, keepdims=False)
-
     if not save:
-
-        def step(carry, inp):
-            h, c, out, _ = cell(*carry, *inp)
-            return (h, c), out
-
-        (h, c), hs = jax.lax.scan(step, (h0, c0), (xp, mask, resets), reverse=reverse, unroll=unroll)
-        return hs, h, c
+        return _scan_outputs(cell, h0, c0, xp, mask, resets, reverse, unroll)
 
     def put(buf, v, t):
         return None if buf is None else jax.lax.dynamic_update_index_in_dim(buf, v, t, 0)
@@ -250,7 +253,7 @@ def _family_forward(
     def body(k, carry):
         h, c, hs, buf, *others = carry
         t = (T - 1 - k if reverse else k).astype(jnp.uint32)
-        h, c, out, (coef, *rest) = cell(h, c, row(buf, t), row(mask, t), row(resets, t))
+        h, c, out, (coef, *rest) = cell(h, c, _row(buf, t), _row(mask, t), _row(resets, t))
         # the coefficients are written over the row of xs @ U they were made from
         return h, c, put(hs, out, t), put(buf, coef, t), *(put(o, v, t) for o, v in zip(others, rest, strict=True))
 

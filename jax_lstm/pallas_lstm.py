@@ -287,6 +287,19 @@ def _shapes(P: _Pad, T: int, kinds: str, dtype):
     return [jax.ShapeDtypeStruct(table[k], dtype) for k in kinds]
 
 
+def _launch(kernel, P, T, ins, outs, acc, name, static):
+    """One ``pallas_call`` of ``kernel`` over the batch blocks, with the specs of ``ins`` and ``outs``."""
+    return pl.pallas_call(
+        kernel,
+        grid=(P.Bp // P.block_b,),
+        in_specs=_specs(P, T, ins),
+        out_specs=_specs(P, T, outs),
+        out_shape=_shapes(P, T, outs, acc),
+        name=name,
+        **_params(static),
+    )
+
+
 def _params(static: _Static):
     if static.interpret:
         return {"interpret": True}
@@ -361,15 +374,7 @@ def _forward_call(P: _Pad, T: int, acc, static: _Static, has_reset: bool, has_ma
         hT_ref[...] = h
         cT_ref[...] = c
 
-    return pl.pallas_call(
-        kernel,
-        grid=(P.Bp // P.block_b,),
-        in_specs=_specs(P, T, ins),
-        out_specs=_specs(P, T, outs),
-        out_shape=_shapes(P, T, outs, acc),
-        name="lstm_pallas_fwd",
-        **_params(static),
-    )
+    return _launch(kernel, P, T, ins, outs, acc, "lstm_pallas_fwd", static)
 
 
 def _backward_call(P: _Pad, T: int, acc, static: _Static, has_reset: bool, has_mask: bool, has_keep: bool):
@@ -431,12 +436,4 @@ def _backward_call(P: _Pad, T: int, acc, static: _Static, has_reset: bool, has_m
         dhr_ref[...] = dhr
         dcr_ref[...] = dcr
 
-    return pl.pallas_call(
-        kernel,
-        grid=(P.Bp // P.block_b,),
-        in_specs=_specs(P, T, ins),
-        out_specs=_specs(P, T, outs),
-        out_shape=_shapes(P, T, outs, acc),
-        name="lstm_pallas_bwd",
-        **_params(static),
-    )
+    return _launch(kernel, P, T, ins, outs, acc, "lstm_pallas_bwd", static)
