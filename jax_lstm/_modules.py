@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_lstm import _inputs
-from jax_lstm.cell import LSTMParams, LSTMState, check_size
-from jax_lstm.layers import init_stack, lstm_stack, stack_sizes
+from jax_lstm.cell import LSTMState, check_size
+from jax_lstm.layers import init_stack, lstm_stack, stack_out_sizes, stack_sizes
 
 __all__ = [
     "LSTMCarry",
@@ -38,6 +38,9 @@ __all__ = [
     "hidden_sizes",
     "check_rate",
     "layout",
+    "out_sizes",
+    "projected_sizes",
+    "variant_options",
     "raw_key",
     "as_stack",
     "init_module_stack",
@@ -106,6 +109,30 @@ def layout(stack) -> tuple[int, tuple[int, ...], bool]:
     return d0, tuple(h for _, h, _ in sizes), dirs == {2}
 
 
+def out_sizes(stack) -> tuple[int, ...]:
+    """The size of h (the output and the carry's h) per layer: P_l with a projection, else H_l."""
+    return tuple(stack_out_sizes(stack))
+
+
+def projected_sizes(sizes: Sequence[int], proj_size) -> tuple[int, ...]:
+    """The size of h per layer for hidden ``sizes`` and ``proj_size`` (0, an int, or one per layer)."""
+    proj = tuple(proj_size) if isinstance(proj_size, Sequence) else (proj_size,) * len(sizes)
+    if len(proj) != len(sizes):
+        raise ValueError(f"proj_size must be one int or one per layer ({len(sizes)}), got {len(proj)} sizes")
+    return tuple(int(p) if p else int(h) for h, p in zip(sizes, proj, strict=True))
+
+
+def variant_options(stack) -> dict:
+    """The LSTM-family options a stack was built with: ``proj_size`` (0 or one per layer), ``peephole``, ``layer_norm``."""
+    first = [layer[0] for layer in stack]
+    proj = tuple(0 if p.W_proj is None else int(p.W_proj.shape[1]) for p in first)
+    return {
+        "proj_size": proj[0] if len(set(proj)) == 1 else proj,
+        "peephole": first[0].peephole is not None,
+        "layer_norm": first[0].norm is not None,
+    }
+
+
 def raw_key(key: jax.Array) -> jax.Array:
     """A typed PRNG key (``jax.random.key``, what ``nnx.Rngs`` hands out) as a raw uint32 key."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -116,7 +143,7 @@ def raw_key(key: jax.Array) -> jax.Array:
 def as_stack(stack):
     """A stack with every array as a JAX array (NumPy arrays from ``jax_lstm.interop`` included)."""
     layout(stack)
-    return tuple(tuple(LSTMParams(*(jnp.asarray(a) for a in p)) for p in layer) for layer in stack)
+    return jax.tree.map(jnp.asarray, tuple(tuple(layer) for layer in stack))
 
 
 def _to_ours(a: jax.Array, axis: int) -> jax.Array:
@@ -137,17 +164,32 @@ def init_module_stack(
     recurrent_kernel_init: Callable | None = None,
     bias_init: Callable | None = None,
     per_gate: bool = False,
+    proj_size: int | Sequence[int] = 0,
+    peephole: bool = False,
+    layer_norm: bool = False,
 ):
     """``init_stack``, with Flax initializers (``init(key, shape, dtype)``) in place of its defaults where given.
 
     ``kernel_init`` makes U, ``recurrent_kernel_init`` W and ``bias_init`` b (then
     without ``forget_bias``), as Flax's ``OptimizedLSTMCell`` calls them: one
     call per gate with (D, H), (H, H), (H,) when ``per_gate`` (Linen), one call
-    with (D, 4H), (H, 4H), (4H,) otherwise (NNX); gate order i, f, g, o.
+    with (D, 4H), (H, 4H), (4H,) otherwise (NNX); gate order i, f, g, o. With a
+    projection W's rows are P (``(P, H)`` per gate). ``proj_size``, ``peephole``
+    and ``layer_norm`` are ``init_stack``'s; their weights keep its initializers.
     """
     key = raw_key(key)
     k_flax = jax.random.fold_in(key, 1)
-    stack = init_stack(key, input_size, sizes, bidirectional=bidirectional, forget_bias=forget_bias, dtype=dtype)
+    stack = init_stack(
+        key,
+        input_size,
+        sizes,
+        bidirectional=bidirectional,
+        forget_bias=forget_bias,
+        dtype=dtype,
+        proj_size=proj_size,
+        peephole=peephole,
+        layer_norm=layer_norm,
+    )
     if kernel_init is None and recurrent_kernel_init is None and bias_init is None:
         return stack
 
@@ -162,10 +204,10 @@ def init_module_stack(
         params = []
         for k, p in enumerate(layer):
             kU, kW, kb = jax.random.split(jax.random.fold_in(jax.random.fold_in(k_flax, l), k), 3)
-            H, D = p.W.shape[0], p.U.shape[0]
+            H, R, D = p.b.shape[0] // 4, p.W.shape[0], p.U.shape[0]  # R: the size of h_{t-1}, P or H
             params.append(
-                LSTMParams(
-                    W=p.W if recurrent_kernel_init is None else make(recurrent_kernel_init, kW, (H, H)),
+                p._replace(
+                    W=p.W if recurrent_kernel_init is None else make(recurrent_kernel_init, kW, (R, H)),
                     U=p.U if kernel_init is None else make(kernel_init, kU, (D, H)),
                     b=p.b if bias_init is None else make(bias_init, kb, (H,)),
                 )
@@ -253,18 +295,24 @@ def write_carry(states, style: str):
     return layers[0] if len(layers) == 1 else layers
 
 
-def make_carry(carry_init: Callable | None, key, batch_shape, sizes, n_dir: int, dtype):
-    """The stack's nesting of states from ``carry_init(key, (*batch, H), dtype)`` (None: zeros), c first as Flax."""
+def make_carry(carry_init: Callable | None, key, batch_shape, sizes, n_dir: int, dtype, h_sizes=None):
+    """The stack's nesting of states from ``carry_init(key, (*batch, H), dtype)`` (None: zeros), c first as Flax.
+
+    ``sizes`` are the cells' H_l (c); ``h_sizes`` the sizes of h, P_l with a
+    projection (None: ``sizes``).
+    """
+    h_sizes = sizes if h_sizes is None else h_sizes
     out = []
-    for l, H in enumerate(sizes):
+    for l, (H, P) in enumerate(zip(sizes, h_sizes, strict=True)):
         layer = []
         for k in range(n_dir):
-            shape = tuple(batch_shape) + (H,)
+            shape_c, shape_h = tuple(batch_shape) + (H,), tuple(batch_shape) + (P,)
             if carry_init is None:
-                c = h = jnp.zeros(shape, dtype)
+                c, h = jnp.zeros(shape_c, dtype), jnp.zeros(shape_h, dtype)
             else:
                 kc, kh = jax.random.split(jax.random.fold_in(jax.random.fold_in(raw_key(key), l), k))
-                c, h = (jnp.asarray(carry_init(kk, shape, dtype), dtype) for kk in (kc, kh))
+                c = jnp.asarray(carry_init(kc, shape_c, dtype), dtype)
+                h = jnp.asarray(carry_init(kh, shape_h, dtype), dtype)
             layer.append(LSTMState(h=h, c=c))
         out.append(tuple(layer))
     return tuple(out)
@@ -307,20 +355,22 @@ def _check_flags(name, a, batch_shape, T, time_major):
     return a.reshape(T, -1) if time_major else jnp.moveaxis(a, -1, 0).reshape(T, -1)
 
 
-def _check_state_shapes(states, batch_shape, sizes, name):
+def _check_state_shapes(states, batch_shape, sizes, h_sizes, name):
     if states is None:
         return
     for l, layer in enumerate(states):
         for k, s in enumerate(layer):
             if s is None:
                 continue
-            for field in ("h", "c"):
+            for field, n in (("h", h_sizes[l]), ("c", sizes[l])):
                 a = getattr(s, field)
                 shape = getattr(a, "shape", None)
-                want = (*batch_shape, sizes[l])
+                want = (*batch_shape, n)
                 if shape is None or tuple(shape) != want:
                     where = name if len(states) == 1 and len(layer) == 1 else f"{name} (layer {l}, direction {k})"
-                    why = f"(*batch, H) = {want} from inputs and the layer's hidden size"
+                    dims = "P" if field == "h" and n != sizes[l] else "H"
+                    what = "projection" if dims == "P" else "hidden size"
+                    why = f"(*batch, {dims}) = {want} from inputs and the layer's {what}"
                     raise _inputs.shape_error(f"{where}.{field}", shape, why)
 
 
@@ -357,7 +407,7 @@ def run_stack(
       inputs: (*batch, T, D), or (T, *batch, D) with ``time_major``; any number
         of batch axes, none included. Integer inputs are promoted.
       carry, reset_carry: module carries (see the module docstring) with
-        h, c: (*batch, H_l), or None. ``carry`` None: ``carry_init`` (zeros
+        c: (*batch, H_l) and h: (*batch, P_l) (H_l without a projection), or None. ``carry`` None: ``carry_init`` (zeros
         when None) with ``carry_key``; ``reset_carry`` None: zeros.
       style: "flax" or "eqx", the carries' convention.
       time_major: the layout of ``inputs``, ``mask`` and ``resets``.
@@ -381,6 +431,7 @@ def run_stack(
       in the module's style, h, c: (*batch, H_l).
     """
     d0, sizes, bidirectional = layout(stack)
+    h_sizes = out_sizes(stack)
     n_dir = 2 if bidirectional else 1
     if not _is_array(inputs):
         raise TypeError(f"{name} must be an array, got {type(inputs).__name__}")
@@ -413,10 +464,10 @@ def run_stack(
         comp = jnp.result_type(comp, jnp.float32)
     states0 = read_carry(carry, len(sizes), n_dir, style, carry_name)
     if states0 is None and carry_init is not None:
-        states0 = make_carry(carry_init, carry_key, batch_shape, sizes, n_dir, comp)
+        states0 = make_carry(carry_init, carry_key, batch_shape, sizes, n_dir, comp, h_sizes)
     reset_states = read_carry(reset_carry, len(sizes), n_dir, style, "reset_carry")
-    _check_state_shapes(states0, batch_shape, sizes, carry_name)
-    _check_state_shapes(reset_states, batch_shape, sizes, "reset_carry")
+    _check_state_shapes(states0, batch_shape, sizes, h_sizes, carry_name)
+    _check_state_shapes(reset_states, batch_shape, sizes, h_sizes, "reset_carry")
     flat = lambda a: jnp.asarray(a, comp).reshape(B, a.shape[-1])  # noqa: E731
     states0, reset_states = _states_map(flat, states0), _states_map(flat, reset_states)
     stack = jax.tree.map(lambda a: jnp.asarray(a, comp), stack)
@@ -445,7 +496,7 @@ def run_stack(
         activation_fn=activation_fn,
     )
     if merge_fn is not None and bidirectional:
-        hs = merge_fn(hs[..., : sizes[-1]], hs[..., sizes[-1] :])
+        hs = merge_fn(hs[..., : h_sizes[-1]], hs[..., h_sizes[-1] :])
     if reverse:
         hs = hs[::-1]  # the inputs' order
         if not keep_order:

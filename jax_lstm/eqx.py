@@ -35,7 +35,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError("jax_lstm.eqx needs equinox: pip install 'jax_lstm[equinox]'") from e
 
-from jax_lstm._modules import as_stack, check_rate, hidden_sizes, layout, run_stack
+from jax_lstm._modules import as_stack, check_rate, hidden_sizes, layout, run_stack, variant_options
 from jax_lstm.layers import init_stack
 
 __all__ = ["LSTM"]
@@ -84,6 +84,10 @@ class LSTM(eqx.Module):
       inference: start with dropout off.
       dtype: dtype of the weights; default float32, or float64 when JAX runs
         with x64 (as Equinox's layers do).
+      proj_size: P, 0 < P < H: each layer's output (and the state's h) is
+        projected to size P; an int for every layer or one per layer; 0: none.
+      peephole: the f, i, o gates also see the cell state.
+      layer_norm: layer-normalise the projections and the cell state.
       key: PRNG key for the weights.
     """
 
@@ -104,6 +108,9 @@ class LSTM(eqx.Module):
         forget_bias: float = 1.0,
         inference: bool = False,
         dtype=None,
+        proj_size: int | Sequence[int] = 0,
+        peephole: bool = False,
+        layer_norm: bool = False,
         key: jax.Array,
     ):
         sizes = hidden_sizes(hidden_size, num_layers, "hidden_size")
@@ -117,6 +124,9 @@ class LSTM(eqx.Module):
             bidirectional=bidirectional,
             forget_bias=forget_bias,
             dtype=_default_float() if dtype is None else dtype,
+            proj_size=proj_size,
+            peephole=peephole,
+            layer_norm=layer_norm,
         )
 
     @classmethod
@@ -135,6 +145,7 @@ class LSTM(eqx.Module):
             inference=inference,
             dtype=stack[0][0].W.dtype,
             key=jax.random.PRNGKey(0),
+            **variant_options(stack),
         )
         return eqx.tree_at(lambda m: m.stack, model, stack)
 
@@ -171,7 +182,8 @@ class LSTM(eqx.Module):
         Args:
           inputs: (T, D), one example; ``jax.vmap(model)`` for a batch.
           state: ``LSTMState(h, c)`` or a plain ``(h, c)`` tuple (one
-            unidirectional layer), or the stack nesting of them; h, c: (H_l,).
+            unidirectional layer), or the stack nesting of them; c: (H_l,), h:
+            (P_l,) (H_l without a projection).
             None means zeros.
           seq_length: optional integer scalar; steps t >= seq_length are
             padding: zero output, state unchanged.
@@ -185,9 +197,9 @@ class LSTM(eqx.Module):
           inference: overrides ``self.inference`` for this call.
 
         Returns:
-          ``(outputs, final_state)``: outputs (T, H_L), or (T, 2 H_L)
+          ``(outputs, final_state)``: outputs (T, P_L), or (T, 2 P_L)
           bidirectional; final_state as ``LSTMState`` in the stack's nesting
-          (one ``LSTMState`` for one unidirectional layer), h, c: (H_l,).
+          (one ``LSTMState`` for one unidirectional layer), c: (H_l,), h: (P_l,).
         """
         d0 = self.input_size
         if not hasattr(inputs, "ndim") or inputs.ndim != 2 or inputs.shape[1] != d0:

@@ -36,6 +36,7 @@ from jax_lstm._modules import (
     hidden_sizes,
     init_module_stack,
     make_carry,
+    projected_sizes,
     run_stack,
     step_inputs,
     write_carry,
@@ -49,62 +50,40 @@ PARAM_NAME = "stack"
 class LSTM(nn.Module):
     """A stack of LSTM layers (optionally bidirectional) with the hand-written BPTT.
 
-    Per layer and direction the cell is (gate blocks [f | i | g | o]; by
-    default ``gate_fn = sigmoid``, ``activation_fn = tanh``)::
-
-        z_t = h_{t-1} @ W + x_t @ U + b
-        c_t = gate_fn(z_f) * c_{t-1} + gate_fn(z_i) * activation_fn(z_g)
-        h_t = gate_fn(z_o) * activation_fn(c_t)
-
-    The same function as ``nn.OptimizedLSTMCell``; weights convert exactly with
-    ``jax_lstm.interop.from_flax``. The attributes and the call take the
-    arguments of ``nn.RNN`` (and ``nn.Bidirectional``) around that cell, with
-    the same meaning.
+    The Linen twin of ``jax_lstm.nnx.LSTM``: the same cell (the function of
+    ``nn.OptimizedLSTMCell``; weights convert exactly with
+    ``jax_lstm.interop.from_flax``), the same carries (Flax's ``LSTMCarry(c, h)``
+    per direction, nested per layer), the same options. The attributes and
+    the call take the arguments of ``nn.RNN`` (and ``nn.Bidirectional``) around
+    that cell, with the same meaning.
 
     Parameters: one entry ``"stack"`` holding ``init_stack``'s nesting (a tuple of
     layers, each a tuple of one ``LSTMParams`` per direction), so
     ``from_variables(variables)`` is ready for ``lstm_stack`` and
     ``jax_lstm.interop``, and ``to_variables(stack)`` goes back.
 
-    The carry is Flax's: ``LSTMCarry(c, h)`` (h, c: (*batch, H)) for one
-    unidirectional layer, so ``c, h = carry`` works and so do ``carry.h`` and
-    ``carry.c``; ``(forward, backward)`` for one bidirectional layer (as
-    ``nn.Bidirectional``); a tuple with one such entry per layer for a stack.
-    Carries passed in are read the same way: a plain ``(c, h)`` pair in Flax's
-    order, an ``LSTMState(h, c)`` or an ``LSTMCarry`` by their field names.
-
     Attributes:
-      features: H for every layer, or one size per layer.
-      num_layers: number of layers when ``features`` is an int.
-      bidirectional: every layer also runs in reverse; its output is
-        ``merge_fn(forward, backward)``, by default ``[forward | backward]``.
-      dropout: inverted dropout on each layer's output before the next layer
-        (never on the last layer's output), a Python float in [0, 1).
-      recurrent_dropout: inverted dropout on h_{t-1} where it enters the gates,
-        one mask per sequence, layer and direction.
-      forget_bias: initial value of the forget-gate bias (unless ``bias_init``).
-      time_major: inputs (T, *batch, D) instead of (*batch, T, D) (also
-        ``mask`` and ``resets``); the call's ``time_major`` overrides it.
-      return_carry: return ``(carry, outputs)``; the call's overrides it.
-      reverse: run each sequence from its last valid step to its first
-        (unidirectional); the outputs are in that processing order, as Flax's,
-        unless ``keep_order``.
-      keep_order: with ``reverse``, give the outputs in the order of the inputs.
-      unroll: passed to ``lax.scan``; never changes values.
-      gate_fn: element-wise activation of the f, i, o gates.
-      activation_fn: element-wise activation of g and of c_t in h_t.
+      features: H for every layer, or one size per layer (``hidden_features``
+        of ``jax_lstm.nnx.LSTM``).
       kernel_init, recurrent_kernel_init, bias_init: Flax initializers
         ``init(key, shape, dtype)``, called per gate with (D, H), (H, H) and
-        (H,) as ``nn.OptimizedLSTMCell`` calls them; None keeps
-        ``init_params``' defaults.
-      carry_init: initializer of the carry when the call gets no
-        ``initial_carry`` (Flax's ``carry_init``; None: zeros).
-      merge_fn: ``merge_fn(forward_outputs, backward_outputs)`` of the last
-        bidirectional layer (None: concatenation); the layers below always
-        concatenate.
-      dtype: the computation dtype (params, inputs and carries are cast to
-        it), or None for the result type of the params and the inputs.
+        (H,) as ``nn.OptimizedLSTMCell`` calls them (W: (P, H) with a
+        projection); None keeps ``init_params``' defaults.
       param_dtype: the dtype the weights are initialised in.
+      num_layers, bidirectional, dropout, recurrent_dropout, forget_bias,
+        time_major, return_carry, reverse, keep_order, unroll, gate_fn,
+        activation_fn, carry_init, merge_fn, dtype, proj_size, peephole,
+        layer_norm: the arguments of the same names of ``jax_lstm.nnx.LSTM``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm.linen
+      >>> rnn = jax_lstm.linen.LSTM(32, return_carry=True)
+      >>> xs = jnp.ones((4, 10, 8))                               # (batch, T, D)
+      >>> variables = rnn.init(jax.random.key(0), xs)
+      >>> (c, h), ys = rnn.apply(variables, xs)
+      >>> ys.shape, h.shape
+      ((4, 10, 32), (4, 32))
     """
 
     features: int | Sequence[int]
@@ -127,6 +106,9 @@ class LSTM(nn.Module):
     merge_fn: Callable | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    proj_size: int | Sequence[int] = 0
+    peephole: bool = False
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(
@@ -148,29 +130,19 @@ class LSTM(nn.Module):
         """Run the stack over sequences, as ``nn.RNN`` (``nn.Bidirectional``) does.
 
         Args:
-          inputs: (*batch, T, D), or (T, *batch, D) time-major: any number of
-            batch axes, none included; integer inputs are promoted.
-          initial_carry: the carry (see the class docstring), h, c:
-            (*batch, H_l); None: ``carry_init`` (zeros by default).
+          inputs, initial_carry, seq_lengths, mask, resets, reset_carry,
+            return_carry, time_major, reverse, keep_order: as the call of
+            ``jax_lstm.nnx.LSTM``: inputs (*batch, T, D) ((T, *batch, D)
+            time-major), carries with c: (*batch, H_l), h: (*batch, P_l).
           init_key: the key of a random ``carry_init`` (default key 0, as Flax).
-          seq_lengths: optional (*batch,) integer lengths; steps
-            t >= seq_lengths[b] are padding: zero output, state unchanged.
-          mask: optional (*batch, T) bool ((T, *batch) time-major); False skips
-            the step.
-          resets: optional (*batch, T) bool ((T, *batch) time-major); True sets
-            the state to ``reset_carry`` just before the step.
-          reset_carry: the carry resets restore (same form as
-            ``initial_carry``); None: zeros.
-          return_carry, time_major, reverse, keep_order: override the
-            attributes for this call.
           deterministic: True turns dropout off; with False the key comes from
             ``self.make_rng("dropout")`` (pass ``rngs={"dropout": key}`` to
             ``apply``).
 
         Returns:
-          ``outputs`` (*batch, T, H_L), or ``merge_fn``'s width bidirectional
-          (by default 2 H_L; time-major: (T, *batch, ...)); with
-          ``return_carry``, ``(carry, outputs)``.
+          ``outputs`` (*batch, T, P_L) (P_L = H_L without a projection; twice
+          that, or ``merge_fn``'s width, bidirectional; time-major:
+          (T, *batch, ...)); with ``return_carry``, ``(carry, outputs)``.
         """
         sizes = hidden_sizes(self.features, self.num_layers, "features")
         dropout = check_rate(self.dropout, "dropout")
@@ -195,6 +167,9 @@ class LSTM(nn.Module):
                 recurrent_kernel_init=self.recurrent_kernel_init,
                 bias_init=self.bias_init,
                 per_gate=True,
+                proj_size=self.proj_size,
+                peephole=self.peephole,
+                layer_norm=self.layer_norm,
             ),
         )
         if deterministic or len(sizes) == 1:
@@ -249,13 +224,14 @@ class LSTM(nn.Module):
     def initialize_carry(self, rng: jax.Array, input_shape: Sequence[int]):
         """The carry for inputs of one step of shape ``(*batch, D)``, from ``carry_init`` (zeros by default).
 
-        As ``nn.OptimizedLSTMCell.initialize_carry(rng, input_shape)``: h, c:
-        (*batch, H_l) in ``param_dtype``; works on an unbound module.
+        As ``nn.OptimizedLSTMCell.initialize_carry(rng, input_shape)``: c:
+        (*batch, H_l), h: (*batch, P_l) in ``param_dtype``; works on an unbound
+        module.
         """
         sizes = hidden_sizes(self.features, self.num_layers, "features")
-        states = make_carry(
-            self.carry_init, rng, tuple(input_shape)[:-1], sizes, 2 if self.bidirectional else 1, self.param_dtype
-        )
+        n_dir = 2 if self.bidirectional else 1
+        h_sizes = projected_sizes(sizes, self.proj_size)
+        states = make_carry(self.carry_init, rng, tuple(input_shape)[:-1], sizes, n_dir, self.param_dtype, h_sizes)
         return write_carry(states, "flax")
 
 

@@ -33,9 +33,11 @@ from jax_lstm._modules import (
     init_module_stack,
     layout,
     make_carry,
+    out_sizes,
     raw_key,
     run_stack,
     step_inputs,
+    variant_options,
     write_carry,
 )
 from jax_lstm.cell import check_size
@@ -130,6 +132,13 @@ class LSTM(nnx.Module):
       dtype: the computation dtype (params, inputs and carries are cast to
         it), or None for the result type of the params and the inputs.
       param_dtype: the dtype the weights are stored in.
+      proj_size: P, 0 < P < H: each layer's output (and the carry's h) is
+        projected to size P, as ``torch.nn.LSTM(proj_size=P)``; an int for
+        every layer or one per layer; 0: none.
+      peephole: the f, i, o gates also see the cell state (``(3, H)`` weights
+        per layer and direction, starting at zero).
+      layer_norm: layer-normalise the input and recurrent projections and the
+        cell state before the output activation (gains at 1, bias at 0).
       rngs: ``nnx.Rngs``; the ``params`` stream initialises the weights, the
         ``dropout`` stream (if present) gives the dropout keys.
     """
@@ -158,6 +167,9 @@ class LSTM(nnx.Module):
         merge_fn: Callable | None = None,
         dtype=None,
         param_dtype=jnp.float32,
+        proj_size: int | Sequence[int] = 0,
+        peephole: bool = False,
+        layer_norm: bool = False,
         rngs: nnx.Rngs,
     ):
         sizes = hidden_sizes(hidden_features, num_layers)
@@ -193,7 +205,11 @@ class LSTM(nnx.Module):
             kernel_init=kernel_init,
             recurrent_kernel_init=recurrent_kernel_init,
             bias_init=bias_init,
+            proj_size=proj_size,
+            peephole=peephole,
+            layer_norm=layer_norm,
         )
+        self.proj_size, self.peephole, self.layer_norm = variant_options(stack).values()
         self.stack = nnx.data(jax.tree.map(nnx.Param, stack))
         self.rngs = nnx.data(None)
         if self.dropout > 0.0 or self.recurrent_dropout > 0.0:
@@ -222,6 +238,7 @@ class LSTM(nnx.Module):
             bidirectional=bidirectional,
             param_dtype=param_dtype,
             rngs=rngs if rngs is not None else nnx.Rngs(0),
+            **variant_options(stack),
             **options,
         )
         model.stack = nnx.data(jax.tree.map(lambda a: nnx.Param(jnp.asarray(a, param_dtype)), stack))
@@ -246,7 +263,7 @@ class LSTM(nnx.Module):
     ):
         """The carry for inputs of one step of shape ``(*batch, D)``, from ``carry_init`` (zeros by default).
 
-        As ``nnx.OptimizedLSTMCell.initialize_carry``: h, c: (*batch, H_l) in
+        As ``nnx.OptimizedLSTMCell.initialize_carry``: c: (*batch, H_l), h: (*batch, P_l) in
         ``param_dtype``; ``rngs`` (its ``carry`` stream) gives the keys of a
         random initializer; ``carry_init`` here overrides the constructor's.
         """
@@ -259,6 +276,7 @@ class LSTM(nnx.Module):
             self.hidden_features,
             2 if self.bidirectional else 1,
             self.param_dtype,
+            out_sizes(self.to_params()),
         )
         return write_carry(states, "flax")
 
@@ -292,8 +310,9 @@ class LSTM(nnx.Module):
         Args:
           inputs: (*batch, T, D), or (T, *batch, D) time-major: any number of
             batch axes, none included; integer inputs are promoted.
-          initial_carry: the carry (see the class docstring), h, c:
-            (*batch, H_l); None: ``carry_init`` (zeros by default).
+          initial_carry: the carry (see the class docstring), c:
+            (*batch, H_l), h: (*batch, P_l) (P_l = H_l without a projection);
+            None: ``carry_init`` (zeros by default).
           seq_lengths: optional (*batch,) integer lengths; steps
             t >= seq_lengths[b] are padding: zero output, state unchanged.
           mask: optional (*batch, T) bool ((T, *batch) time-major); False skips
@@ -310,8 +329,8 @@ class LSTM(nnx.Module):
             place of the constructor's.
 
         Returns:
-          ``outputs`` (*batch, T, H_L), or ``merge_fn``'s width bidirectional
-          (by default 2 H_L; time-major: (T, *batch, ...)); with
+          ``outputs`` (*batch, T, P_L), or ``merge_fn``'s width bidirectional
+          (by default 2 P_L; time-major: (T, *batch, ...)); with
           ``return_carry``, ``(carry, outputs)``.
         """
         return_carry = self.return_carry if return_carry is None else return_carry
@@ -356,7 +375,7 @@ class LSTM(nnx.Module):
 
         The weights, dtype and activations of the sequence call; ``carry`` in
         the module's form (None: ``carry_init``, zeros by default); x_t:
-        (*batch, D); y_t: (*batch, H_L), the last layer's h. For acting one
+        (*batch, D); y_t: (*batch, P_L), the last layer's h. For acting one
         step at a time with the model that trains on sequences.
         """
         carry, ys = self(
