@@ -449,12 +449,8 @@ def _deltas(W, U, xs, h0, c0, hr, mask, resets, keep, coef, dcdh_f, dhs, dh_T, d
         if mask is not None:  # skipped step: the hidden state passed through untouched, and the step's
             # output is the constant zero, so its cotangent dh_out goes nowhere (dz is zero there too)
             dh_prev = jnp.where(row(mask)[:, None], dh_prev, dh_next)
-        if resets is not None:  # a reset: what reached the entering state belongs to the reset state
-            r = row(resets)[:, None]
-            dhr = dhr + jnp.where(r, dh_prev, jnp.zeros_like(dh_prev))
-            dcr = dcr + jnp.where(r, dc_prev, jnp.zeros_like(dc_prev))
-            dh_prev = jnp.where(r, jnp.zeros_like(dh_prev), dh_prev)
-            dc_prev = jnp.where(r, jnp.zeros_like(dc_prev), dc_prev)
+        if resets is not None:
+            dh_prev, dc_prev, dhr, dcr = _to_reset_state(row(resets), dh_prev, dc_prev, dhr, dcr)
         # dz_t replaces the coefficients it was made from: after the loop, buf holds every step's dz
         buf = jax.lax.dynamic_update_index_in_dim(buf, dz, t, 0)
         return dh_prev, dc_prev, dhr, dcr, buf
@@ -467,6 +463,15 @@ def _deltas(W, U, xs, h0, c0, hr, mask, resets, keep, coef, dcdh_f, dhs, dh_T, d
     dxs = jnp.einsum("tbg,dg->tbd", dz.astype(U.dtype), U, preferred_element_type=acc)
     dtype = h0.dtype if hr is None else hr.dtype
     return dz, dxs.astype(xs.dtype), dh0.astype(h0.dtype), dc0.astype(c0.dtype), dhr.astype(dtype), dcr.astype(dtype)
+
+
+def _to_reset_state(r, dh_prev, dc_prev, dhr, dcr):
+    """At a reset (``r``: (B,) bool) what reached the entering state belongs to the reset state, not to the step
+    before: it is added to (dhr, dcr) and the gradients passed on to step t - 1 are zero there."""
+    r = r[:, None]
+    zero_h, zero_c = jnp.zeros_like(dh_prev), jnp.zeros_like(dc_prev)
+    dhr, dcr = dhr + jnp.where(r, dh_prev, zero_h), dcr + jnp.where(r, dc_prev, zero_c)
+    return jnp.where(r, zero_h, dh_prev), jnp.where(r, zero_c, dc_prev), dhr, dcr
 
 
 def _step_inputs(hs, xs, h0, hr, mask, resets, keep, reverse):

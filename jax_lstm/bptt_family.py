@@ -31,6 +31,7 @@ from jax_lstm.bptt import (
     _Kernels,
     _row,
     _scan_outputs,
+    _to_reset_state,
 )
 from jax_lstm.cell import LN_EPS, split_gates
 
@@ -373,11 +374,7 @@ def _family_backward(
         if mask is not None:  # skipped step: the hidden state passed through untouched
             dh_prev = jnp.where(row(mask)[:, None], dh_prev, dh_next)
         if resets is not None:  # a reset: what reached the entering state belongs to the reset state
-            r = row(resets)[:, None]
-            dhr = dhr + jnp.where(r, dh_prev, jnp.zeros_like(dh_prev))
-            dcr = dcr + jnp.where(r, dc_prev, jnp.zeros_like(dc_prev))
-            dh_prev = jnp.where(r, jnp.zeros_like(dh_prev), dh_prev)
-            dc_prev = jnp.where(r, jnp.zeros_like(dc_prev), dc_prev)
+            dh_prev, dc_prev, dhr, dcr = _to_reset_state(row(resets), dh_prev, dc_prev, dhr, dcr)
         buf = jax.lax.dynamic_update_index_in_dim(buf, dz, t, 0)  # dz_t (or d(x_t U)) replaces its coefficients
         return dh_prev, dc_prev, dhr, dcr, buf, dh_buf, da_buf, sums
 

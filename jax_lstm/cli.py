@@ -204,6 +204,22 @@ def train_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="every layer also runs backwards (addition only: refused where the targets are later inputs)",
     )
+    p.add_argument(
+        "--proj-size",
+        type=_field("proj_size"),
+        metavar="P",
+        help="project every layer's output to size P < H (LSTMP, as torch.nn.LSTM(proj_size=P)); 0: none (default)",
+    )
+    p.add_argument(
+        "--peephole",
+        action=argparse.BooleanOptionalAction,
+        help="peephole connections: the f, i, o gates also see the cell state",
+    )
+    p.add_argument(
+        "--layer-norm",
+        action=argparse.BooleanOptionalAction,
+        help="the layer-normalised LSTM: normalised input and recurrent projections and cell state",
+    )
     p.add_argument("--embed", type=_field("embed"), help="embedding size (charlm)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default adam")
     p.add_argument("--lr", type=_positive_float, help="peak learning rate")

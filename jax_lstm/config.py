@@ -54,6 +54,9 @@ FIXED_FIELDS = (
     "bidirectional",
     "layer_dropout",
     "recurrent_dropout",
+    "proj_size",
+    "peephole",
+    "layer_norm",
 )
 # Fields a resumed run may change.
 RESUMABLE_FIELDS = ("steps", "grad", "log_every", "time_limit")
@@ -67,6 +70,7 @@ INT_RANGES = {
     "seq_len": (1, INT32_MAX),
     "hidden": (1, INT32_MAX),
     "embed": (0, INT32_MAX),
+    "proj_size": (0, INT32_MAX),
     "warmup": (0, INT32_MAX),
     "decay_steps": (1, INT32_MAX),
     "log_every": (1, INT32_MAX),
@@ -110,6 +114,9 @@ class TrainConfig:
       layer_dropout: dropout rate between stacked layers during training; 0 disables.
       recurrent_dropout: variational dropout rate on every layer's h_{t-1} during training (one mask
         per sequence, the same at every step); 0 disables.
+      proj_size: P, 0 < P < every hidden size: project each layer's output to size P (LSTMP); 0: none.
+      peephole: peephole connections (the f, i, o gates also see the cell state).
+      layer_norm: the layer-normalised LSTM (normalised projections and cell state).
       dtype: ``float32`` or ``float64`` for params and activations.
       grad: ``manual`` (``lstm``, hand-written BPTT) or ``autodiff`` (``lstm_ref``).
       log_every: evaluate, log and checkpoint every this many steps (and at the end).
@@ -134,6 +141,9 @@ class TrainConfig:
     dropout: float | None = None
     layer_dropout: float | None = None
     recurrent_dropout: float | None = None
+    proj_size: int | None = None
+    peephole: bool | None = None
+    layer_norm: bool | None = None
     dtype: str | None = None
     grad: str | None = None
     log_every: int | None = None
@@ -155,6 +165,9 @@ class TrainConfig:
             "bidirectional": False,
             "layer_dropout": 0.0,
             "recurrent_dropout": 0.0,
+            "proj_size": 0,
+            "peephole": False,
+            "layer_norm": False,
         }
         for k, v in {**generic, **task.defaults}.items():
             if values.get(k) is None:
@@ -189,8 +202,13 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1):
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
-        if not isinstance(self.bidirectional, bool):
-            raise ValueError(f"bidirectional must be True or False, got {self.bidirectional!r}")
+        for name in ("bidirectional", "peephole", "layer_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.proj_size and self.proj_size >= min(sizes):
+            raise ValueError(
+                f"proj_size must be smaller than every hidden size ({min(sizes)} here), got {self.proj_size}"
+            )
         limit = self.time_limit
         if limit is not None and not (
             isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 <= limit < math.inf

@@ -116,8 +116,11 @@ def show_value(value) -> str:
 
 
 def describe_model(config) -> str:
-    """``LSTM 256,256 (bidirectional), layer dropout 0.2, recurrent dropout 0.1``."""
+    """``LSTM 256,256 (bidirectional), projection 64, peepholes, layer norm, layer dropout 0.2, ...``."""
     parts = [f"LSTM {show_value(hidden_sizes(config))}" + (" (bidirectional)" if config.bidirectional else "")]
+    if config.proj_size:
+        parts.append(f"projection {config.proj_size}")
+    parts += [label for name, label in (("peephole", "peepholes"), ("layer_norm", "layer norm")) if getattr(config, name)]
     for name, label in (("layer_dropout", "layer dropout"), ("recurrent_dropout", "recurrent dropout")):
         if getattr(config, name):
             parts.append(f"{label} {getattr(config, name):g}")

@@ -353,3 +353,33 @@ def test_single_layer_checkpoints_of_the_earlier_layout_still_load(charlm_run, t
     resume = ["train", "--resume", "--out", str(out), "--steps", "14", "--no-sample", "--no-bidirectional"]
     assert main([*resume, "--recurrent-dropout", "0"]) == 0  # the defaults of the fields it lacks
     assert load_run(out).state.step == 14
+
+
+def test_lstm_family_from_the_command_line(tmp_path, capsys):
+    """--proj-size, --peephole, --layer-norm: the checkpoint holds each variant's weights, evaluate rebuilds the
+    model, a resume with another variant is refused naming the flag, and a projection as wide as the cell is
+    refused before anything is written."""
+    out = tmp_path / "family"
+    flags = ["--task", "sine", "--hidden", "6,5", "--proj-size", "3", "--peephole", "--layer-norm"]
+    assert main(["train", *flags, "--steps", "4", "--log-every", "2", "--out", str(out), "--no-sample"]) == 0
+    assert "LSTM 6,5, projection 3, peepholes, layer norm" in capsys.readouterr().err
+    config = checkpoint.read_header(out / "checkpoint.npz")["config"]
+    assert (config["proj_size"], config["peephole"], config["layer_norm"]) == (3, True, True)
+    stack = load_run(out).state.params["lstm"]
+    assert [(p.W.shape, p.W_proj.shape, p.peephole.shape, p.norm.gamma_c.shape) for (p,) in stack] == [
+        ((3, 24), (6, 3), (3, 6), (6,)),
+        ((3, 20), (5, 3), (3, 5), (5,)),
+    ]
+    assert main(["evaluate", "--checkpoint", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 4
+    before = _snapshot(out)
+    for flag, saved in (("--no-peephole", "--peephole"), ("--proj-size 2", "3"), ("--no-layer-norm", "--layer-norm")):
+        assert main(["train", "--resume", "--out", str(out), "--steps", "6", *flag.split()]) == 2
+        assert f"{flag} (the checkpoint has {saved})" in capsys.readouterr().err
+    assert _snapshot(out) == before
+    assert main(["train", "--resume", "--out", str(out), "--steps", "6", "--no-sample"]) == 0
+    assert load_run(out).state.step == 6
+    wide = tmp_path / "wide"
+    assert main(["train", "--task", "sine", "--hidden", "6,5", "--proj-size", "5", "--out", str(wide)]) == 2
+    assert "proj_size must be smaller than every hidden size (5 here), got 5" in capsys.readouterr().err
+    assert not wide.exists()

@@ -1,8 +1,8 @@
 """``jax-lstm bench``: the hand-written BPTT against autodiff, Flax and PyTorch.
 
-The command's flags, the choice of benchmark (the layer rows, ``--models``, ``--options`` or ``--rl``), the
-shapes and repetitions each runs at, and the report: a table on stdout with the ratios the
-performance targets are stated in, ``--json FILE`` and ``--plot FILE`` (PNG, the layer rows).
+The command's flags, the choice of benchmark (the layer rows, ``--models``, ``--options``, ``--variants``
+or ``--rl``), the shapes and repetitions each runs at, and the report: a table on stdout with the ratios
+the performance targets are stated in, ``--json FILE`` and ``--plot FILE`` (PNG, the layer rows).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from jax_lstm.bench import layer, models, options
+from jax_lstm.bench import family, layer, models, options
 from jax_lstm.bench.layer import DEFAULT_SHAPES, MEMORY_SHAPE, QUICK_MEMORY_SHAPE, QUICK_SHAPES
 from jax_lstm.bench.plot import plot
 from jax_lstm.bench.timing import UNROLL_TOLERANCE
@@ -117,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
         help="instead: the train step of lstm and lstm_ref with a mask, resets, recurrent dropout, batch-major "
         "input and under vmap, against the plain layer",
     )
+    ap.add_argument(
+        "--variants",
+        action="store_true",
+        help="instead: the train step of the LSTM family (projection, peepholes, layer norm, all three), "
+        "lstm against lstm_ref of the same variant",
+    )
     ap.add_argument("--rl", action="store_true", help="instead: recurrent PPO, ours against Flax (--rl --help)")
     return ap
 
@@ -132,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         return rl.main([a for a in rest if a != "--rl"])
     ap = _parser()
     args = ap.parse_args(argv)
-    rows = args.models or args.options  # only those rows: no peak, unrolls, memory comparison or plot
+    rows = args.models or args.options or args.variants  # only those rows: no peak, unrolls, memory or plot
+    if sum((args.models, args.options, args.variants)) > 1:
+        ap.error("--models, --options and --variants are separate benchmarks: choose one")
     if args.quick:
         shapes, reps, warmup = list(args.shape or QUICK_SHAPES), args.reps or 3, 1
     else:
@@ -150,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             (models.bench_models, models.render_models_table)
             if args.models
             else (options.bench_options, options.render_options_table)
+            if args.options
+            else (family.bench_variants, family.render_variants_table)
         )
         report = run(shapes, warmup=warmup, reps=reps, seconds=args.seconds)
         report.update(machine=machine(), command=command)

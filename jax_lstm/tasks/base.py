@@ -40,6 +40,7 @@ __all__ = [
     "dense",
     "hidden_sizes",
     "init_model",
+    "out_sizes",
     "zero_carry",
     "stack_key",
     "run_stack",
@@ -154,22 +155,36 @@ def hidden_sizes(config) -> tuple[int, ...]:
     return (int(h),) if isinstance(h, int) else tuple(int(x) for x in h)
 
 
+def out_sizes(config) -> tuple[int, ...]:
+    """The size of each layer's h: ``config.proj_size`` where set (LSTMP), else the hidden size."""
+    P = int(config.proj_size)
+    return tuple(P or h for h in hidden_sizes(config))
+
+
 def init_model(key: jax.Array, n_in: int, n_out: int, config) -> dict[str, Any]:
-    """``{"lstm": StackParams (D=n_in, sizes from config.hidden), "head": dense(H_out -> n_out)}``."""
+    """``{"lstm": StackParams (D=n_in, sizes from config.hidden), "head": dense(H_out -> n_out)}``.
+
+    The stack has ``config``'s LSTM-family options: ``proj_size`` (then ``H_out`` is P per direction),
+    ``peephole``, ``layer_norm``.
+    """
     k_lstm, k_head = jax.random.split(key)
     dtype = jnp.dtype(config.dtype)
     sizes, bidirectional = hidden_sizes(config), bool(config.bidirectional)
+    family = {"proj_size": int(config.proj_size), "peephole": config.peephole, "layer_norm": config.layer_norm}
     return {
-        "lstm": init_stack(k_lstm, n_in, sizes, bidirectional=bidirectional, dtype=dtype),
-        "head": init_dense(k_head, sizes[-1] * (2 if bidirectional else 1), n_out, dtype),
+        "lstm": init_stack(k_lstm, n_in, sizes, bidirectional=bidirectional, dtype=dtype, **family),
+        "head": init_dense(k_head, out_sizes(config)[-1] * (2 if bidirectional else 1), n_out, dtype),
     }
 
 
 def zero_carry(config, batch_size: int):
-    """The zero state of the stack: per layer and direction ``LSTMState`` with h, c: (batch_size, H_l)."""
+    """The zero state of the stack: per layer and direction ``LSTMState`` with c: (batch_size, H_l), h: (batch_size, P_l)."""
     n_dir = 2 if config.bidirectional else 1
     zeros = lambda h: jnp.zeros((batch_size, h), jnp.dtype(config.dtype))  # noqa: E731
-    return tuple(tuple(LSTMState(zeros(h), zeros(h)) for _ in range(n_dir)) for h in hidden_sizes(config))
+    return tuple(
+        tuple(LSTMState(zeros(p), zeros(h)) for _ in range(n_dir))
+        for h, p in zip(hidden_sizes(config), out_sizes(config), strict=True)
+    )
 
 
 def stack_key(key: jax.Array, config, batch_size: int) -> dict[str, jax.Array]:

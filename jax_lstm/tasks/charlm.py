@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from jax_lstm.layers import lstm_stack
-from jax_lstm.tasks.base import LSTMFn, Task, dense, hidden_sizes, init_model, run_stack, stack_key
+from jax_lstm.tasks.base import LSTMFn, Task, dense, init_model, out_sizes, run_stack, stack_key
 
 __all__ = ["CharLM", "TASK", "corpus", "CharData", "sample"]
 
@@ -160,7 +160,7 @@ class CharLM(Task):
         batch = {"x": chunk[:, :-1], "y": chunk[:, 1:], "reset": np.full((B,), w == 0)}
         rate = float(getattr(config, "dropout", 0.0) or 0.0)
         if rate > 0:
-            batch["drop"] = dropout_mask(key, (B, T, hidden_sizes(config)[-1]), rate, jnp.dtype(config.dtype))
+            batch["drop"] = dropout_mask(key, (B, T, out_sizes(config)[-1]), rate, jnp.dtype(config.dtype))
         return {**batch, **stack_key(key, config, B)}
 
     def logits(self, params, x_bm: jax.Array, state0, lstm_fn: LSTMFn, drop=None, config=None, key=None):
