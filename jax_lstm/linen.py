@@ -105,6 +105,19 @@ class LSTM(nn.Module):
       dtype: the computation dtype (params, inputs and carries are cast to
         it), or None for the result type of the params and the inputs.
       param_dtype: the dtype the weights are initialised in.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_lstm.linen import LSTM
+      >>> rnn = LSTM(4)
+      >>> xs = jnp.ones((2, 5, 3))                                  # (B, T, D)
+      >>> variables = rnn.init(jax.random.PRNGKey(0), xs)
+      >>> rnn.apply(variables, xs, seq_lengths=jnp.array([5, 2])).shape
+      (2, 5, 4)
+      >>> carry, ys = rnn.apply(variables, xs, return_carry=True)   # carry = LSTMCarry(c, h)
+      >>> carry, y = rnn.apply(variables, carry, xs[:, 0], method="step")
+      >>> y.shape
+      (2, 4)
     """
 
     features: int | Sequence[int]
@@ -264,6 +277,14 @@ def to_variables(stack) -> dict[str, dict[str, Any]]:
 
     Returns:
       ``{"params": {"stack": stack}}``, ready for ``LSTM(...).apply``.
+
+    Examples:
+      >>> import jax
+      >>> from jax_lstm.layers import init_stack
+      >>> from jax_lstm.linen import LSTM, to_variables
+      >>> variables = to_variables(init_stack(jax.random.PRNGKey(0), 3, (4,)))
+      >>> LSTM(4).apply(variables, jax.numpy.ones((2, 5, 3))).shape
+      (2, 5, 4)
     """
     return {"params": {PARAM_NAME: as_stack(stack)}}
 
@@ -274,6 +295,14 @@ def from_variables(variables):
     Args:
       variables: ``{"params": {"stack": ...}}`` as ``init`` returns, or the
         inner ``{"stack": ...}`` (e.g. the LSTM's entry in a parent's params).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_lstm.linen import LSTM, from_variables
+      >>> variables = LSTM(4).init(jax.random.PRNGKey(0), jnp.ones((2, 5, 3)))
+      >>> stack = from_variables(variables)                         # for lstm_stack, interop, checkpoints
+      >>> stack[0][0].W.shape
+      (4, 16)
     """
     if not isinstance(variables, Mapping):
         raise TypeError(f"variables must be a mapping, got {type(variables).__name__}")
