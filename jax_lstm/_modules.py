@@ -60,6 +60,14 @@ class LSTMCarry(NamedTuple):
 
     ``carry.h`` and ``carry.c`` name the fields; ``carry.state`` is the same
     carry as jax_lstm's ``LSTMState(h, c)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax_lstm.nnx import LSTMCarry
+      >>> carry = LSTMCarry(c=jnp.zeros((2, 4)), h=jnp.ones((2, 4)))
+      >>> c, h = carry                                              # Flax's order
+      >>> carry.state.h.shape                                       # the same carry as an LSTMState(h, c)
+      (2, 4)
     """
 
     c: jax.Array  # (*batch, H) cell state

@@ -128,11 +128,23 @@ def lstm(
     dtype; gradients are returned in each argument's own dtype.
 
     Memory: the residuals are six (T, B, H) blocks (see ``_forward``) beside
-    ``hs``; the README's Performance section has the measured figures.
+    ``hs``; the documentation's Performance page has the measured figures.
 
     Raises:
       ValueError, TypeError: at trace time, naming the bad argument and the
         shapes involved.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> params = jl.init_params(jax.random.PRNGKey(0), input_size=3, hidden_size=4)
+      >>> xs = jnp.ones((5, 2, 3))                                  # (T, B, D)
+      >>> hs, state = jl.lstm(params, xs, seq_lengths=jnp.array([5, 2]))
+      >>> hs.shape, state.h.shape                                   # (T, B, H), (B, H)
+      ((5, 2, 4), (2, 4))
+      >>> grads = jax.grad(lambda p: jnp.sum(jl.lstm(p, xs)[0] ** 2))(params)   # the hand-written BPTT
+      >>> grads.W.shape
+      (4, 16)
     """
     if impl != "scan":
         return _other_impl(

@@ -67,7 +67,15 @@ LN_EPS = 1e-5  # the variance offset of every layer norm
 
 
 class LayerNormParams(NamedTuple):
-    """Gains and offset of the layer-normalised LSTM."""
+    """Gains and offset of the layer-normalised LSTM.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> p = jl.init_params(jax.random.PRNGKey(0), 3, 4, layer_norm=True)
+      >>> p.norm.gamma_x.shape, p.norm.gamma_h.shape, p.norm.gamma_c.shape, p.norm.beta_c.shape
+      ((16,), (16,), (4,), (4,))
+    """
 
     gamma_x: jax.Array  # (4H,) gain of LN(x_t @ U)
     gamma_h: jax.Array  # (4H,) gain of LN(h_{t-1} @ W)
@@ -125,6 +133,16 @@ class LSTMParams(OptionalTail, _LSTMFields):
     Unpacking, ``len`` and ``_asdict`` stop after the last field present, so a plain LSTM's
     params still unpack as ``W, U, b = params``; indexing, attributes and
     pytree flattening see all six fields.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> W, U, b = jl.init_params(jax.random.PRNGKey(0), input_size=3, hidden_size=4)
+      >>> W.shape, U.shape, b.shape
+      ((4, 16), (3, 16), (16,))
+      >>> p = jl.init_params(jax.random.PRNGKey(0), 3, 4, proj_size=2)
+      >>> p.W.shape, p.W_proj.shape                                 # h has size P = 2
+      ((2, 16), (4, 2))
     """
 
     __slots__ = ()
@@ -132,7 +150,16 @@ class LSTMParams(OptionalTail, _LSTMFields):
 
 
 class LSTMState(NamedTuple):
-    """Recurrent state of one LSTM layer."""
+    """Recurrent state of one LSTM layer.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> state = jl.LSTMState(h=jnp.zeros((2, 4)), c=jnp.ones((2, 4)))
+      >>> h, c = state
+      >>> state.c.shape
+      (2, 4)
+    """
 
     h: jax.Array  # (B, H) hidden state; (B, P) with a projection
     c: jax.Array  # (B, H) cell state
@@ -184,6 +211,13 @@ def init_params(
     Returns:
       ``LSTMParams`` with W: (H, 4H) ((P, 4H) projected), U: (D, 4H), b: (4H,)
       and the optional fields asked for (None otherwise).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> p = jl.init_params(jax.random.PRNGKey(0), input_size=3, hidden_size=4, peephole=True)
+      >>> p.W.shape, p.U.shape, p.b.shape, p.peephole.shape
+      ((4, 16), (3, 16), (16,), (3, 4))
     """
     D, H = check_size("input_size", input_size), check_size("hidden_size", hidden_size)
     P = check_size("proj_size", proj_size, minimum=0)
@@ -209,7 +243,15 @@ def init_params(
 
 
 def zeros_state(batch_size: int, hidden_size: int, dtype=jnp.float32, *, proj_size: int = 0) -> LSTMState:
-    """A zero ``LSTMState`` with h, c: (batch_size, hidden_size); h: (batch_size, proj_size) if projected."""
+    """A zero ``LSTMState`` with h, c: (batch_size, hidden_size); h: (batch_size, proj_size) if projected.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> state = jl.zeros_state(batch_size=8, hidden_size=64)
+      >>> state.h.shape, state.c.dtype
+      ((8, 64), dtype('float32'))
+    """
     shape = (check_size("batch_size", batch_size, minimum=0), check_size("hidden_size", hidden_size))
     P = check_size("proj_size", proj_size, minimum=0)
     h_shape = (shape[0], P) if P else shape
@@ -358,6 +400,17 @@ def lstm_cell(
 
     Returns:
       ``(new_state, h_t)``; the new state keeps the dtypes of ``state``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> p = jl.init_params(jax.random.PRNGKey(0), 3, 4)
+      >>> state, h_t = jl.lstm_cell(p, jl.zeros_state(2, 4), jnp.ones((2, 3)))    # x_t: (B, D)
+      >>> h_t.shape, state.c.shape
+      ((2, 4), (2, 4))
+      >>> final, hs = jax.lax.scan(lambda s, x: jl.lstm_cell(p, s, x), jl.zeros_state(2, 4), jnp.ones((5, 2, 3)))
+      >>> hs.shape
+      (5, 2, 4)
     """
     acc = acc_dtype(jnp.result_type(params.W, x_t))
     if not is_plain(params):

@@ -58,11 +58,33 @@ _UMASK = _umask()
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupted, or does not fit the model it is loaded into."""
+    """A checkpoint is missing, corrupted, or does not fit the model it is loaded into.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax.numpy as jnp
+      >>> from jax_lstm import checkpoint
+      >>> path = os.path.join(tempfile.mkdtemp(), "checkpoint.npz")
+      >>> try:
+      ...     checkpoint.load(path)                                 # no such file
+      ... except checkpoint.CheckpointError as e:
+      ...     print(type(e).__name__)
+      CheckpointError
+    """
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``."""
+    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax.numpy as jnp
+      >>> from jax_lstm import checkpoint
+      >>> path = os.path.join(tempfile.mkdtemp(), "checkpoint.npz")
+      >>> checkpoint.atomic_write(path + ".txt", b"the whole file or nothing")
+      >>> open(path + ".txt", "rb").read()
+      b'the whole file or nothing'
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -129,6 +151,15 @@ def save(path: str | os.PathLike, tree, *, config: dict | None = None, meta: dic
 
     Returns:
       The path written.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax.numpy as jnp
+      >>> from jax_lstm import checkpoint
+      >>> path = os.path.join(tempfile.mkdtemp(), "checkpoint.npz")
+      >>> written = checkpoint.save(path, {"w": jnp.ones(3)}, config={"hidden": 4}, meta={"step": 10})
+      >>> checkpoint.read_header(written)["meta"]
+      {'step': 10}
     """
     path = Path(path)
     names, leaves, _ = _paths(tree)
@@ -245,6 +276,15 @@ def read_header(path: str | os.PathLike) -> dict:
 
     Raises:
       CheckpointError: the file is missing, unreadable or not a checkpoint.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax.numpy as jnp
+      >>> from jax_lstm import checkpoint
+      >>> path = os.path.join(tempfile.mkdtemp(), "checkpoint.npz")
+      >>> written = checkpoint.save(path, {"w": jnp.ones(3)}, config={"hidden": 4})
+      >>> checkpoint.read_header(path)["config"]
+      {'hidden': 4}
     """
     path = Path(path)
     with _reading(path), zipfile.ZipFile(path) as z:
@@ -261,6 +301,16 @@ def load(path: str | os.PathLike) -> tuple[dict, list[np.ndarray]]:
     Raises:
       CheckpointError: the file is missing, truncated, corrupted or not a checkpoint:
         every failure to read it, whatever the zip or ``.npy`` layer raised.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax.numpy as jnp
+      >>> from jax_lstm import checkpoint
+      >>> path = os.path.join(tempfile.mkdtemp(), "checkpoint.npz")
+      >>> written = checkpoint.save(path, {"w": jnp.ones(3)})
+      >>> header, arrays = checkpoint.load(path)                    # verified against the checksum
+      >>> arrays[0].shape
+      (3,)
     """
     path = Path(path)
     with _reading(path), zipfile.ZipFile(path) as z:
@@ -295,6 +345,16 @@ def restore(path: str | os.PathLike, template, *, rename: Callable[[str], str] |
       CheckpointError: as ``load``, or if the saved leaves differ from the
         template's in number, key paths, shapes or dtypes; the message lists
         the differences.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax.numpy as jnp
+      >>> from jax_lstm import checkpoint
+      >>> path = os.path.join(tempfile.mkdtemp(), "checkpoint.npz")
+      >>> written = checkpoint.save(path, {"w": jnp.ones(3)})
+      >>> tree, header = checkpoint.restore(path, {"w": jnp.zeros(3)})   # the template's structure, shapes, dtypes
+      >>> tree["w"].tolist()
+      [1.0, 1.0, 1.0]
     """
     header, arrays = load(path)
     names, leaves, treedef = _paths(template)

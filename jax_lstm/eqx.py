@@ -89,6 +89,20 @@ class LSTM(eqx.Module):
       peephole: the f, i, o gates also see the cell state.
       layer_norm: layer-normalise the projections and the cell state.
       key: PRNG key for the weights.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm.eqx
+      >>> lstm = jax_lstm.eqx.LSTM(3, 4, key=jax.random.PRNGKey(0))
+      >>> hs, state = lstm(jnp.ones((5, 3)))                        # one example: (T, D) -> (T, H)
+      >>> hs.shape, state.h.shape
+      ((5, 4), (4,))
+      >>> hs, state = jax.vmap(lstm)(jnp.ones((2, 5, 3)))           # a batch, as Equinox batches
+      >>> hs.shape
+      (2, 5, 4)
+      >>> state = lstm.step(jnp.ones(3), (jnp.zeros(4), jnp.zeros(4)))   # one step; (h, c) is Equinox's order
+      >>> jax_lstm.eqx.LSTM.from_params(lstm.to_params()).to_params()[0][0].W.shape
+      (4, 16)
     """
 
     stack: tuple

@@ -100,6 +100,16 @@ def init_stack(
       ``StackParams``: a tuple with one entry per layer, each a tuple of one
       ``LSTMParams`` (forward) or two (forward, reverse) with
       W: (H_l, 4 H_l) ((P_l, 4 H_l) projected), U: (D_l, 4 H_l), b: (4 H_l,).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> from jax_lstm.layers import gate_trace_stack, init_stack, lstm_stack
+      >>> stack = init_stack(jax.random.PRNGKey(0), input_size=3, hidden_sizes=(4, 2), bidirectional=True)
+      >>> len(stack), len(stack[0])                                 # two layers, two directions each
+      (2, 2)
+      >>> stack[1][0].U.shape                                       # layer 1 reads both halves of layer 0
+      (8, 8)
     """
     if isinstance(hidden_sizes, (int, np.integer)) or not isinstance(hidden_sizes, Sequence):
         raise TypeError(f"hidden_sizes must be a sequence of ints, one per layer, got {hidden_sizes!r}")
@@ -139,13 +149,30 @@ def stack_sizes(params) -> tuple[int, list[tuple[int, int, int]]]:
       (D_0, [(D_l, H_l, directions_l) for each layer]). Raises ``TypeError`` /
       ``ValueError`` naming the offending entry, e.g. ``params[1][0].U``, and
       the shapes involved. ``stack_out_sizes`` gives each layer's output size.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> from jax_lstm.layers import gate_trace_stack, init_stack, lstm_stack
+      >>> from jax_lstm.layers import stack_sizes
+      >>> stack_sizes(init_stack(jax.random.PRNGKey(0), 3, (4, 2), bidirectional=True))
+      (3, [(3, 4, 2), (8, 2, 2)])
     """
     d0, layout = _stack_layout(params)
     return d0, [(D, H, n) for D, H, n, _ in layout]
 
 
 def stack_out_sizes(params) -> list[int]:
-    """The size of h_t in each layer: P_l with a projection, else H_l (one direction)."""
+    """The size of h_t in each layer: P_l with a projection, else H_l (one direction).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> from jax_lstm.layers import gate_trace_stack, init_stack, lstm_stack
+      >>> from jax_lstm.layers import stack_out_sizes
+      >>> stack_out_sizes(init_stack(jax.random.PRNGKey(0), 3, (4, 6), proj_size=[2, 0]))
+      [2, 6]
+    """
     return [H if P is None else P for _, H, _, P in _stack_layout(params)[1]]
 
 
@@ -297,6 +324,17 @@ def lstm_stack(
     Raises:
       ValueError, TypeError: bad structure or shapes, naming the argument
         (e.g. ``params[1][0].U``, ``states0[0][1].h``) and the shapes.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> from jax_lstm.layers import gate_trace_stack, init_stack, lstm_stack
+      >>> stack = init_stack(jax.random.PRNGKey(0), 3, (4, 2), bidirectional=True)
+      >>> xs = jnp.ones((5, 2, 3))                                  # (T, B, D_0)
+      >>> hs, finals = lstm_stack(stack, xs, seq_lengths=jnp.array([5, 3]))
+      >>> hs.shape, finals[1][1].h.shape                            # forward | reverse; layer 1, reverse
+      ((5, 2, 4), (2, 2))
+      >>> hs, _ = lstm_stack(stack, xs, dropout=0.2, key=jax.random.PRNGKey(1))   # training
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {sorted(IMPLS)}, got {impl!r}")
@@ -391,6 +429,15 @@ def gate_trace_stack(
       fields f, i, g, o, c, h is (T, B, H_l) ((B, T, H_l) batch-major), zero at
       skipped steps. The last layer's ``h`` (concatenated over directions)
       equals ``lstm_stack``'s hs.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> from jax_lstm.layers import gate_trace_stack, init_stack, lstm_stack
+      >>> stack = init_stack(jax.random.PRNGKey(0), 3, (4, 2), bidirectional=True)
+      >>> traces = gate_trace_stack(stack, jnp.ones((5, 2, 3)))
+      >>> traces[1][1].f.shape                                      # layer 1, reverse direction: (T, B, H_1)
+      (5, 2, 2)
     """
     D0, sizes = _stack_layout(params)
     B = _check_xs(xs, D0, seq_lengths, mask, resets, time_major)

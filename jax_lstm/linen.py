@@ -70,20 +70,25 @@ class LSTM(nn.Module):
         (H,) as ``nn.OptimizedLSTMCell`` calls them (W: (P, H) with a
         projection); None keeps ``init_params``' defaults.
       param_dtype: the dtype the weights are initialised in.
-      num_layers, bidirectional, dropout, recurrent_dropout, forget_bias,
-        time_major, return_carry, reverse, keep_order, unroll, gate_fn,
-        activation_fn, carry_init, merge_fn, dtype, proj_size, peephole,
-        layer_norm: the arguments of the same names of ``jax_lstm.nnx.LSTM``.
 
-    Example:
+    The other attributes (``num_layers``, ``bidirectional``, ``dropout``,
+    ``recurrent_dropout``, ``forget_bias``, ``time_major``, ``return_carry``,
+    ``reverse``, ``keep_order``, ``unroll``, ``gate_fn``, ``activation_fn``,
+    ``carry_init``, ``merge_fn``, ``dtype``, ``proj_size``, ``peephole``,
+    ``layer_norm``) are the arguments of the same names of ``jax_lstm.nnx.LSTM``.
+
+    Examples:
       >>> import jax, jax.numpy as jnp
-      >>> import jax_lstm.linen
-      >>> rnn = jax_lstm.linen.LSTM(32, return_carry=True)
-      >>> xs = jnp.ones((4, 10, 8))                               # (batch, T, D)
-      >>> variables = rnn.init(jax.random.key(0), xs)
-      >>> (c, h), ys = rnn.apply(variables, xs)
-      >>> ys.shape, h.shape
-      ((4, 10, 32), (4, 32))
+      >>> from jax_lstm.linen import LSTM
+      >>> rnn = LSTM(4)
+      >>> xs = jnp.ones((2, 5, 3))                                  # (B, T, D)
+      >>> variables = rnn.init(jax.random.PRNGKey(0), xs)
+      >>> rnn.apply(variables, xs, seq_lengths=jnp.array([5, 2])).shape
+      (2, 5, 4)
+      >>> carry, ys = rnn.apply(variables, xs, return_carry=True)   # carry = LSTMCarry(c, h)
+      >>> carry, y = rnn.apply(variables, carry, xs[:, 0], method="step")
+      >>> y.shape
+      (2, 4)
     """
 
     features: int | Sequence[int]
@@ -130,10 +135,12 @@ class LSTM(nn.Module):
         """Run the stack over sequences, as ``nn.RNN`` (``nn.Bidirectional``) does.
 
         Args:
-          inputs, initial_carry, seq_lengths, mask, resets, reset_carry,
-            return_carry, time_major, reverse, keep_order: as the call of
-            ``jax_lstm.nnx.LSTM``: inputs (*batch, T, D) ((T, *batch, D)
-            time-major), carries with c: (*batch, H_l), h: (*batch, P_l).
+          inputs: (*batch, T, D), or (T, *batch, D) time-major.
+          initial_carry, reset_carry: carries with c: (*batch, H_l) and
+            h: (*batch, P_l), as the call of ``jax_lstm.nnx.LSTM`` takes them.
+          seq_lengths, mask, resets: as the call of ``jax_lstm.nnx.LSTM``.
+          return_carry, time_major, reverse, keep_order: override the
+            attributes for this call.
           init_key: the key of a random ``carry_init`` (default key 0, as Flax).
           deterministic: True turns dropout off; with False the key comes from
             ``self.make_rng("dropout")`` (pass ``rngs={"dropout": key}`` to
@@ -240,6 +247,14 @@ def to_variables(stack) -> dict[str, dict[str, Any]]:
 
     Returns:
       ``{"params": {"stack": stack}}``, ready for ``LSTM(...).apply``.
+
+    Examples:
+      >>> import jax
+      >>> from jax_lstm.layers import init_stack
+      >>> from jax_lstm.linen import LSTM, to_variables
+      >>> variables = to_variables(init_stack(jax.random.PRNGKey(0), 3, (4,)))
+      >>> LSTM(4).apply(variables, jax.numpy.ones((2, 5, 3))).shape
+      (2, 5, 4)
     """
     return {"params": {PARAM_NAME: as_stack(stack)}}
 
@@ -250,6 +265,14 @@ def from_variables(variables):
     Args:
       variables: ``{"params": {"stack": ...}}`` as ``init`` returns, or the
         inner ``{"stack": ...}`` (e.g. the LSTM's entry in a parent's params).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_lstm.linen import LSTM, from_variables
+      >>> variables = LSTM(4).init(jax.random.PRNGKey(0), jnp.ones((2, 5, 3)))
+      >>> stack = from_variables(variables)                         # for lstm_stack, interop, checkpoints
+      >>> stack[0][0].W.shape
+      (4, 16)
     """
     if not isinstance(variables, Mapping):
         raise TypeError(f"variables must be a mapping, got {type(variables).__name__}")

@@ -141,6 +141,20 @@ class LSTM(nnx.Module):
         cell state before the output activation (gains at 1, bias at 0).
       rngs: ``nnx.Rngs``; the ``params`` stream initialises the weights, the
         ``dropout`` stream (if present) gives the dropout keys.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jax_lstm.nnx import LSTM
+      >>> model = LSTM(3, 4, rngs=nnx.Rngs(0))
+      >>> xs = jnp.ones((2, 5, 3))                                  # (B, T, D), batch-major as in Flax
+      >>> model(xs, seq_lengths=jnp.array([5, 2])).shape            # (B, T, H)
+      (2, 5, 4)
+      >>> carry, ys = model(xs, return_carry=True)                  # carry = LSTMCarry(c, h)
+      >>> carry, y = model.step(carry, xs[:, 0])                    # one step with the same weights
+      >>> stack = model.to_params()                                 # the init_stack nesting, plain arrays
+      >>> LSTM.from_params(stack)(xs).shape
+      (2, 5, 4)
     """
 
     def __init__(

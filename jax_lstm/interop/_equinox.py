@@ -31,6 +31,16 @@ def from_equinox(cell, *, dtype=None) -> LSTMParams:
 
     Returns:
       ``LSTMParams`` with W: (H, 4H), U: (D, 4H), b: (4H,).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> import equinox as eqx
+      >>> from jax_lstm.interop import from_equinox
+      >>> cell = eqx.nn.LSTMCell(3, 4, key=jax.random.PRNGKey(0))
+      >>> p = from_equinox(cell)
+      >>> p.W.shape, p.U.shape
+      ((4, 16), (3, 16))
     """
     for name in ("weight_ih", "weight_hh"):
         if not hasattr(cell, name):
@@ -68,6 +78,17 @@ def to_equinox(params, *, key=None):
     Returns:
       ``eqx.nn.LSTMCell(D, H)`` with ``weight_ih`` (4H, D), ``weight_hh`` (4H, H)
       and ``bias`` (4H,) in the dtype of ``params``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> from jax_lstm import interop
+      >>> p = jl.init_params(jax.random.PRNGKey(0), input_size=3, hidden_size=4)
+      >>> cell = interop.to_equinox(p)                              # an eqx.nn.LSTMCell
+      >>> cell.weight_ih.shape                                      # (4H, D), gate rows i, f, g, o
+      (16, 3)
+      >>> bool((interop.from_equinox(cell).W == p.W).all())
+      True
     """
     import equinox as eqx
 

@@ -43,6 +43,18 @@ def from_flax(variables, *, dtype=None) -> LSTMParams:
 
     Returns:
       ``LSTMParams`` with W: (H, 4H), U: (D, 4H), b: (4H,).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> import flax.linen as nn
+      >>> from jax_lstm.interop import from_flax
+      >>> cell = nn.OptimizedLSTMCell(4)
+      >>> carry = cell.initialize_carry(jax.random.PRNGKey(1), (2, 3))
+      >>> variables = cell.init(jax.random.PRNGKey(0), carry, jnp.ones((2, 3)))
+      >>> p = from_flax(variables)
+      >>> p.W.shape, p.U.shape
+      ((4, 16), (3, 16))
     """
     tree = _flax_tree(variables)
 
@@ -91,6 +103,15 @@ def to_flax(params) -> dict[str, dict[str, dict[str, np.ndarray]]]:
     """``LSTMParams`` to ``{"params": ...}`` for ``flax.linen.LSTMCell`` / ``OptimizedLSTMCell``.
 
     Exact in both directions with ``from_flax``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> from jax_lstm import interop
+      >>> p = jl.init_params(jax.random.PRNGKey(0), input_size=3, hidden_size=4)
+      >>> variables = interop.to_flax(p)                            # Linen's LSTMCell / OptimizedLSTMCell layout
+      >>> bool((interop.from_flax(variables).U == p.U).all())
+      True
     """
     W, U, b, _, _ = _params_np(params)
     Uf, Wf, bf = (np.split(_from_ours(a, _FLAX_GATES, axis=-1), 4, axis=-1) for a in (U, W, b))

@@ -29,6 +29,17 @@ def from_haiku(params, *, module: str | None = None, dtype=None) -> LSTMParams:
 
     Returns:
       ``LSTMParams`` with W: (H, 4H), U: (D, 4H), b: (4H,).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> from jax_lstm import interop
+      >>> p = jl.init_params(jax.random.PRNGKey(0), input_size=3, hidden_size=4)
+      >>> hk_params = interop.to_haiku(p)                           # what hk.LSTM(4) holds
+      >>> hk_params["lstm/linear"]["w"].shape                       # (D + H, 4H) over [x, h]
+      (7, 16)
+      >>> interop.from_haiku(hk_params).W.shape
+      (4, 16)
     """
     if not isinstance(params, Mapping):
         raise TypeError(f"haiku params must be a mapping, got {type(params).__name__}")
@@ -72,6 +83,15 @@ def to_haiku(params, *, module: str = "lstm") -> dict[str, dict[str, np.ndarray]
     The forget block of ``b`` is lowered by 1 (haiku adds it back inside its
     cell), so ``from_haiku(to_haiku(p))`` equals ``p`` exactly except for that
     block, which is equal up to the rounding of the shift.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> from jax_lstm import interop
+      >>> p = jl.init_params(jax.random.PRNGKey(0), input_size=3, hidden_size=4)
+      >>> hk_params = interop.to_haiku(p, module="lstm")
+      >>> sorted(hk_params["lstm/linear"])
+      ['b', 'w']
     """
     W, U, b, _, H = _params_np(params)
     b = b.copy()

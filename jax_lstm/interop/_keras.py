@@ -34,6 +34,15 @@ def from_keras(weights, *, dtype=None) -> LSTMParams:
 
     Returns:
       ``LSTMParams`` with W: (H, 4H), U: (D, 4H), b: (4H,).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> from jax_lstm import interop
+      >>> p = jl.init_params(jax.random.PRNGKey(0), input_size=3, hidden_size=4)
+      >>> weights = interop.to_keras(p)                             # as keras.layers.LSTM(4).get_weights()
+      >>> bool((interop.from_keras(weights).b == p.b).all())
+      True
     """
     if isinstance(weights, Mapping):
         by_name: dict[str, Any] = {}
@@ -79,6 +88,14 @@ def to_keras(params) -> list[np.ndarray]:
 
     Exact in both directions: ``from_keras(to_keras(p)) == p`` and
     ``to_keras(from_keras(w)) == w`` bit for bit.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> from jax_lstm import interop
+      >>> p = jl.init_params(jax.random.PRNGKey(0), input_size=3, hidden_size=4)
+      >>> [w.shape for w in interop.to_keras(p)]                    # kernel, recurrent_kernel, bias
+      [(3, 16), (4, 16), (16,)]
     """
     W, U, b, _, _ = _params_np(params)
     return [_from_ours(U, "ifgo", axis=1), _from_ours(W, "ifgo", axis=1), _from_ours(b, "ifgo", axis=0)]

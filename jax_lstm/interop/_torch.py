@@ -53,6 +53,16 @@ def from_torch(state_dict, *, prefix: str = "", dtype=None) -> StackParams:
     A module built with ``proj_size=P`` (keys ``weight_hr_l{k}[_reverse]``,
     (P, H)) computes ``h_t = weight_hr @ (o_t * tanh(c_t))``: ``W_proj =
     weight_hr.T`` (H, P), and ``weight_hh`` is (4H, P), so ``W`` is (P, 4H).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> import torch
+      >>> from jax_lstm import interop
+      >>> m = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+      >>> stack = interop.from_torch(m.state_dict())                # or from_torch(m)
+      >>> len(stack), len(stack[0]), stack[1][0].U.shape            # layer 1 reads 2H = 8 inputs
+      (2, 2, (8, 16))
     """
     sd = _torch_dict(state_dict, prefix)
     found = {m.groups(): k for k in sd if (m := _TORCH_KEY.match(k))}
@@ -157,6 +167,16 @@ def to_torch(params, *, prefix: str = "") -> dict[str, Any]:
       each direction, ``weight_ih`` (4H, D_l), ``weight_hh`` (4H, H),
       ``bias_ih`` (4H,), ``bias_hh`` (4H,), gate rows i, f, g, o, and
       ``weight_hr`` (P, H) for params with a projection (``proj_size=P``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> import torch
+      >>> from jax_lstm import interop
+      >>> m = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+      >>> stack = interop.from_torch(m)
+      >>> m.load_state_dict(interop.to_torch(stack))
+      <All keys matched successfully>
     """
     _torch_layout(params)
     sd = {}
@@ -177,6 +197,17 @@ def states_from_torch(h, c, *, bidirectional: bool, dtype=None) -> StackState:
 
     PyTorch stacks layer by layer, forward before reverse: entry
     ``k * directions + d`` is layer k, direction d.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> import torch
+      >>> from jax_lstm import interop
+      >>> m = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+      >>> h0 = c0 = torch.zeros(4, 2, 4)                            # (num_layers * 2, B, H)
+      >>> states0 = interop.states_from_torch(h0, c0, bidirectional=True)
+      >>> len(states0), len(states0[0]), states0[0][1].h.shape      # per layer and direction
+      (2, 2, (2, 4))
     """
     h, c = _np(h, "h"), _np(c, "c")
     n_dir = 2 if bidirectional else 1
@@ -191,7 +222,19 @@ def states_from_torch(h, c, *, bidirectional: bool, dtype=None) -> StackState:
 
 
 def states_to_torch(states) -> tuple[Any, Any]:
-    """``StackState`` to PyTorch's ``(h, c)``, each a tensor (num_layers * directions, B, H)."""
+    """``StackState`` to PyTorch's ``(h, c)``, each a tensor (num_layers * directions, B, H).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jax_lstm as jl
+      >>> import torch
+      >>> from jax_lstm import interop
+      >>> m = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+      >>> states0 = interop.states_from_torch(torch.zeros(4, 2, 4), torch.ones(4, 2, 4), bidirectional=True)
+      >>> h_n, c_n = interop.states_to_torch(states0)
+      >>> tuple(h_n.shape)
+      (4, 2, 4)
+    """
     flat = [s for layer in states for s in layer]
     h = np.stack([_np(s[0], "states.h") for s in flat])
     c = np.stack([_np(s[1], "states.c") for s in flat])
