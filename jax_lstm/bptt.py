@@ -404,10 +404,10 @@ def _scan_outputs(cell, h0, c0, xp, mask, resets, reverse, unroll):
 def _backward(W, U, xs, h0, c0, hr, cr, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T, *, reverse, unroll):
     """The hand-written BPTT. Returns (dW, dU, db, dxs, dh0, dc0, dhr, dcr)."""
     acc = h0.dtype
-    dz, dxs, *dstates = _deltas(
-        W, U, xs, h0, c0, hr, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T, reverse, unroll
+    dz, h_in, dxs, *dstates = _deltas(
+        W, U, xs, h0, c0, hr, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T, reverse, unroll
     )
-    h_in, x_in = _step_inputs(hs, xs, h0, hr, mask, resets, keep, reverse)
+    h_in, x_in = _step_inputs(h_in, xs, mask, keep)
     # seed: δW = Σ_t h_{t-1}^T * δ13..16 and δU = Σ_t x_t^T * δ13..16; the seed has no bias, its
     # gradient is Σ_t dz_t
     dW = _contract(h_in.astype(W.dtype), dz.astype(W.dtype), W, acc)
@@ -422,8 +422,10 @@ def _backward_per_group(
     """``_backward`` for batch rows that are ``groups`` problems stacked (examples under ``jax.vmap``):
     dW, dU, db per group, (groups, H, 4H), (groups, D, 4H), (groups, 4H)."""
     acc = h0.dtype
-    dz, dxs, *dstates = _deltas(W, U, xs, h0, c0, hr, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T, **kw)
-    h_in, x_in = _step_inputs(hs, xs, h0, hr, mask, resets, keep, kw["reverse"])
+    dz, h_in, dxs, *dstates = _deltas(
+        W, U, xs, h0, c0, hr, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T, **kw
+    )
+    h_in, x_in = _step_inputs(h_in, xs, mask, keep)
     T, B = xs.shape[:2]
     split = lambda a, dtype: a.reshape(T, groups, B // groups, a.shape[-1]).astype(dtype)  # noqa: E731
     dW = jnp.einsum("tnbh,tnbg->nhg", split(h_in, W.dtype), split(dz, W.dtype), preferred_element_type=acc)
@@ -432,22 +434,31 @@ def _backward_per_group(
     return dW.astype(W.dtype), dU.astype(U.dtype), db.astype(W.dtype), dxs, *dstates
 
 
-def _deltas(W, U, xs, h0, c0, hr, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T, reverse, unroll):
-    """The backward loop: every step's gate deltas dz (T, B, 4H), then dxs, the gradients of the
-    initial state (dh0, dc0) and of the reset state (dhr, dcr: zero without resets)."""
+def _deltas(W, U, xs, h0, c0, hr, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T, reverse, unroll):
+    """The backward loop: every step's gate deltas dz (T, B, 4H) and the h_{t-1} each step saw
+    (T, B, H), then dxs, the gradients of the initial state (dh0, dc0) and of the reset state
+    (dhr, dcr: zero without resets).
+
+    Once step t has read its row of ``dcdh_f``, that row is dead; the loop writes
+    h_{t-1} (as the step saw it: after a reset, from the last step that ran) over
+    its f half, so the h_{t-1} that ``dW`` contracts needs no (T, B, H) buffer of
+    its own while the residuals are alive.
+    """
     acc = h0.dtype
     T = xs.shape[0]
     H = W.shape[0]
-    axes = varying_axes(W, U, xs, h0, c0, mask, resets, keep, coef, dcdh_f, dhs, dh_T, dc_T)
+    axes = varying_axes(W, U, xs, h0, c0, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_T, dc_T)
     dhs = dhs.astype(acc)
     W_T = W.T  # (4H, H), transposed once: a plain matmul in the loop is faster than a transposed one
+    entering = _entering_rows(T, mask, resets, reverse)
 
     def body(k, carry):
-        dh_next, dc_next, dhr, dcr, buf = carry  # seed δ2 (future hidden state) and δ4 (future cell)
+        dh_next, dc_next, dhr, dcr, buf, hbuf = carry  # seed δ2 (future hidden state) and δ4 (future cell)
         t = (k if reverse else T - 1 - k).astype(jnp.uint32)
         row = lambda a: jax.lax.dynamic_index_in_dim(a, t, keepdims=False)  # noqa: E731
-        dh_out, coef_t, df = row(dhs), row(buf), row(dcdh_f)
+        dh_out, coef_t, df = row(dhs), row(buf), row(hbuf)
         dcdh, f = df[:, :H], df[:, H:]
+
         dh = dh_next + dh_out  # seed δ3 = δ1 + δ2: from the output and the next step
         dc = dc_next + dh * dcdh  # seed δ5, δ7, δ8: δ8 is a sum, not the product δ7 · δ4
         # seed δ16, δ15, δ14 = δ8 times the forget, input, candidate coefficients; δ13 = δ3 times the output's
@@ -465,16 +476,20 @@ def _deltas(W, U, xs, h0, c0, hr, mask, resets, keep, coef, dcdh_f, dhs, dh_T, d
             dh_prev, dc_prev, dhr, dcr = _to_reset_state(row(resets), dh_prev, dc_prev, dhr, dcr)
         # dz_t replaces the coefficients it was made from: after the loop, buf holds every step's dz
         buf = jax.lax.dynamic_update_index_in_dim(buf, dz, t, 0)
-        return dh_prev, dc_prev, dhr, dcr, buf
+        # h_{t-1} as step t saw it, over the [dc/dh | f] row this step has read
+        hbuf = _write_after_reads(hbuf, entering(hs, h0, hr, t), t, H, dc_prev)
+        return dh_prev, dc_prev, dhr, dcr, buf, hbuf
 
     zeros = jnp.zeros_like(dh_T, dtype=acc)
-    carry0 = tuple(make_varying(a, axes) for a in (dh_T.astype(acc), dc_T.astype(acc), zeros, zeros, coef))
+    carry0 = (dh_T.astype(acc), dc_T.astype(acc), zeros, zeros, coef, dcdh_f)
+    carry0 = tuple(make_varying(a, axes) for a in carry0)
     # what is left at the start is state0's gradient; the reset state's sums over every reset
-    dh0, dc0, dhr, dcr, dz = jax.lax.fori_loop(0, T, body, carry0, unroll=unroll)
+    dh0, dc0, dhr, dcr, dz, hbuf = jax.lax.fori_loop(0, T, body, carry0, unroll=unroll)
     # seed δ26 = δ17 + δ19 + δ21 + δ23 = dz @ U^T (the seed's δ23 uses W_f^T where U_f^T belongs)
     dxs = jnp.einsum("tbg,dg->tbd", dz.astype(U.dtype), U, preferred_element_type=acc)
     dtype = h0.dtype if hr is None else hr.dtype
-    return dz, dxs.astype(xs.dtype), dh0.astype(h0.dtype), dc0.astype(c0.dtype), dhr.astype(dtype), dcr.astype(dtype)
+    h_in = hbuf[..., H:]
+    return dz, h_in, dxs.astype(xs.dtype), dh0.astype(h0.dtype), dc0.astype(c0.dtype), dhr.astype(dtype), dcr.astype(dtype)
 
 
 def _to_reset_state(r, dh_prev, dc_prev, dhr, dcr):
@@ -486,40 +501,49 @@ def _to_reset_state(r, dh_prev, dc_prev, dhr, dcr):
     return jnp.where(r, zero_h, dh_prev), jnp.where(r, zero_c, dc_prev), dhr, dcr
 
 
-def _step_inputs(hs, xs, h0, hr, mask, resets, keep, reverse):
-    """What each step multiplied by W and by U: h_{t-1} (after any reset and recurrent dropout) and x_t.
+def _write_after_reads(buf, v, t, col, read):
+    """``buf`` with row t, columns ``col`` on, overwritten by ``v`` (B, N), once ``read`` has been computed.
+
+    ``read`` (B, >= N) is computed from everything the step read from row t of
+    ``buf``. ``v + 0 * read`` is ``v`` (``read`` is finite wherever the
+    gradients are) but depends on it, so XLA orders every read of the row before
+    the write and updates ``buf`` in place; written as a plain ``v``, the write
+    could run before the reads, and XLA copies all of ``buf`` at each step to
+    keep the rows the reads need.
+    """
+    v = (v + 0 * read[:, : v.shape[-1]]).astype(buf.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(buf, v[None], (t.astype(jnp.int32), zero, zero + col))
+
+
+def _step_inputs(h_in, xs, mask, keep):
+    """What each step multiplied by W and by U: h_{t-1} (after any reset, from ``_deltas``) times the
+    recurrent-dropout mask, and x_t.
 
     At a skipped step dz is zero; its x_t is replaced by zero as well, so that
     a NaN or Inf stored there (a missing value, masked out) cannot turn
     ``x_t^T dz_t = NaN * 0`` into a NaN weight gradient.
     """
-    h_in = _entering_h(hs, h0, hr, mask, resets, reverse)
     if keep is not None:
         h_in = h_in * keep[None]
     x_in = xs if mask is None else jnp.where(mask[..., None], xs, jnp.zeros_like(xs))
     return h_in, x_in
 
 
-def _shift(a, first, reverse):
-    """The value of ``a`` one step earlier in the direction of the run, ``first`` at the start."""
-    if reverse:
-        return jnp.concatenate([a[1:], first[None]], axis=0)
-    return jnp.concatenate([first[None], a[:-1]], axis=0)
+def _entering_rows(T, mask, resets, reverse):
+    """``entering(a, first, reset, t)``: the state entering step t, (B, ·), read from ``a`` (T, B, ·),
+    the values of the steps that ran (``hs``, or the family's ``cs``); ``first`` at the start (h0, c0),
+    ``reset`` at a reset (the reset state).
 
-
-def _entering_h(hs, h0, hr, mask, resets, reverse):
-    """h_{t-1} as step t saw it: (T, B, H), after any reset, before recurrent dropout.
-
-    Without a mask it is the previous output (``h0`` at the start, ``hr`` at a
-    reset). With one, the previous output may be a skipped step's zero: the
-    state entering step t is the output of the last step that ran before it,
-    unless the start or a reset came after that step (then ``h0`` or ``hr``).
-    For all t at once, each step gets an event code in run order k (k = t
-    forward, T - 1 - t reversed): 2k + 1 where the step ran, 2k where it was
-    skipped but reset, -1 otherwise. A running maximum of the codes gives, at
-    every t, the latest event: an odd one names the step whose output is
-    carried, an even one a reset, -1 the start. For one row, forward, with
-    steps 1 and 3 skipped and a reset at 3::
+    Without a mask it is the previous step's row. With one, the previous output
+    may be a skipped step's zero: the state entering step t is the output of the
+    last step that ran before it, unless the start or a reset came after that
+    step. ``_entering_src`` finds that for all t at once: each step gets an event
+    code in run order k (k = t forward, T - 1 - t reversed): 2k + 1 where the
+    step ran, 2k where it was skipped but reset, -1 otherwise. A running maximum
+    of the codes gives, at every t, the latest event: an odd one names the step
+    whose output is carried, an even one a reset, -1 the start. For one row,
+    forward, with steps 1 and 3 skipped and a reset at 3::
 
         t           0    1    2    3    4
         ran         y    n    y    n    y
@@ -530,16 +554,29 @@ def _entering_h(hs, h0, hr, mask, resets, reverse):
         entering   h0  hs0  hs0   hr   hr     (the carried value after step t - 1; a reset at t: hr)
     """
     if mask is None:
-        h_prev = _shift(hs, h0, reverse)
-        return h_prev if resets is None else jnp.where(resets[..., None], hr[None], h_prev)
-    src_in = _entering_src(mask, resets, reverse)
-    gathered = jnp.take_along_axis(hs, jnp.maximum(src_in, 0)[..., None], axis=0)
-    start = h0[None] if resets is None else jnp.where((src_in == -2)[..., None], hr[None], h0[None])
-    return jnp.where((src_in >= 0)[..., None], gathered, start)
+
+        def entering(a, first, reset, t):
+            t = t.astype(jnp.int32)
+            prev = jnp.clip(t + (1 if reverse else -1), 0, T - 1)
+            v = jnp.where(t == (T - 1 if reverse else 0), first, jax.lax.dynamic_index_in_dim(a, prev, keepdims=False))
+            if resets is None:
+                return v
+            return jnp.where(jax.lax.dynamic_index_in_dim(resets, t, keepdims=False)[:, None], reset, v)
+
+        return entering
+    src = _entering_src(mask, resets, reverse)  # (T, B): a step index, -1 the start, -2 the reset state
+
+    def entering(a, first, reset, t):
+        s = jax.lax.dynamic_index_in_dim(src, t, keepdims=False)
+        got = jnp.take_along_axis(a, jnp.maximum(s, 0)[None, :, None], axis=0)[0]
+        start = first if reset is None else jnp.where((s == -2)[:, None], reset, first)
+        return jnp.where((s >= 0)[:, None], got, start)
+
+    return entering
 
 
 def _entering_src(mask, resets, reverse):
-    """(T, B) int32: where the state entering step t comes from (``_entering_h``): the time index of the
+    """(T, B) int32: where the state entering step t comes from (``_entering_rows``): the time index of the
     step whose output it is, -1 the initial state, -2 the reset state."""
     T = mask.shape[0]
     k = jnp.arange(T, dtype=jnp.int32)[:, None]
@@ -551,7 +588,8 @@ def _entering_src(mask, resets, reverse):
     # what is carried after step t: the time index of the step whose output it is, -2 the reset state, -1 h0
     ran = last // 2 if not reverse else T - 1 - last // 2
     src_after = jnp.where(last < 0, -1, jnp.where(last % 2 == 1, ran, -2))
-    src_in = _shift(src_after, jnp.full_like(src_after[0], -1), reverse)  # entering t: carried after t-1
+    start = jnp.full_like(src_after[:1], -1)  # entering t: what is carried after t - 1 in run order
+    src_in = jnp.concatenate([src_after[1:], start] if reverse else [start, src_after[:-1]], axis=0)
     if resets is not None:
         src_in = jnp.where(resets, -2, src_in)
     return src_in

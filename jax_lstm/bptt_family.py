@@ -5,7 +5,7 @@ or ``norm`` field; the equations are in ``jax_lstm.cell``. The family has its
 own custom_vjp and kernels, so that the plain path of ``bptt.py`` carries none
 of their terms; within them each variant is a static branch on whether its
 parameters are present. The building blocks it shares with the plain LSTM
-(the vmap fold's kinds, ``_entering_src``, the kernels' container) come from
+(the vmap fold's kinds, ``_entering_rows``, the kernels' container) come from
 ``bptt.py``.
 """
 
@@ -26,12 +26,12 @@ from jax_lstm.bptt import (
     _R1,
     _W,
     _contract,
-    _entering_h,
-    _entering_src,
+    _entering_rows,
     _Kernels,
     _row,
     _scan_outputs,
     _to_reset_state,
+    _write_after_reads,
 )
 from jax_lstm.cell import LN_EPS, split_gates
 
@@ -183,9 +183,11 @@ def _family_forward(
     h_{t-1} @ W again (two more matmuls per step) for the backward of their
     layer norms, and writes d(x_t @ U) over the coefficients and d(h_{t-1} @ W)
     to a (T, B, 4H) buffer of its own. So per (t, b) row:
-    7H + N plain, + H with a projection, + H with peepholes or layer norm,
+    6H + N plain, + H with a projection, + H with peepholes or layer norm,
     beside the (T, B, 4H) buffer the backward of layer norm writes
-    d(h_{t-1} @ W) to. At
+    d(h_{t-1} @ W) to. The backward needs nothing more that is T long: it
+    writes each step's h_{t-1} over the ``dndm_f`` row it has read (dW's
+    operand) and sums dW_proj step by step. At
     skipped steps every coefficient is zero and f_t one, as in ``_forward``.
     """
     acc = h0.dtype
@@ -287,6 +289,15 @@ def _steps_sum(x, groups):
     return x.reshape(T, groups, B // groups, x.shape[-1]).sum(axis=(0, 2))
 
 
+def _rows_outer(a, b_, dtype, acc, groups):
+    """Σ_b a^T b_ of one step's rows, (B, m), (B, n) -> (m, n) in ``acc``, or per group of rows (groups, m, n)."""
+    a, b_ = a.astype(dtype), b_.astype(dtype)
+    if groups is None:
+        return jax.lax.dot_general(a, b_, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+    split = lambda v: v.reshape(groups, v.shape[0] // groups, v.shape[-1])  # noqa: E731
+    return jnp.einsum("nbm,nbk->nmk", split(a), split(b_), preferred_element_type=acc)
+
+
 def _weight_grad(a, b_, like, acc, groups):
     """Σ_{t,b} a^T b in ``like``'s dtype, accumulated in ``acc``: (m, n), or per group (groups, m, n)."""
     a, b_ = a.astype(like.dtype), b_.astype(like.dtype)
@@ -315,16 +326,20 @@ def _family_backward(
     zero_sum = lambda n: jnp.zeros((n,) if groups is None else (groups, n), acc)  # noqa: E731
     entering = _entering_rows(T, mask, resets, reverse)  # where each step's entering state comes from
 
+    N = hs.shape[-1]
+
     def body(k, carry):
-        dh_next, dc_next, dhr, dcr, buf, dh_buf, da_buf, sums = carry  # from the next step, as seed δ2, δ4
+        dh_next, dc_next, dhr, dcr, buf, hbuf, da_buf, sums = carry  # from the next step: seed δ2, δ4
         t = (k if reverse else T - 1 - k).astype(jnp.uint32)
         row = lambda a: jax.lax.dynamic_index_in_dim(a, t, keepdims=False)  # noqa: E731
-        coef_t, df = row(buf), row(dndm_f)
+        coef_t, df = row(buf), row(hbuf)
         cf, ci, cg, co = split_gates(coef_t)
         dndm, f = df[:, :H], df[:, H:]
-        dh = dh_next + row(dh_buf)  # seed δ3 = δ1 + δ2, as in the plain backward
-        if Wp is not None:  # projection: h_t = m_t @ W_proj, so dm_t = dh_t @ W_proj^T; dh_t kept for dW_proj
-            dh_buf = jax.lax.dynamic_update_index_in_dim(dh_buf, dh, t, 0)
+        h_prev = entering(hs, h0, hr, t)  # h_{t-1} as step t saw it
+        dh = dh_next + row(dhs)  # seed δ3 = δ1 + δ2, as in the plain backward
+        if Wp is not None:  # projection: h_t = m_t @ W_proj, so dm_t = dh_t @ W_proj^T and dW_proj += m_t^T dh_t
+            # (summed here, step by step: no (T, B, P) buffer of every dh_t)
+            sums = {**sums, "Wp": sums["Wp"] + _rows_outer(row(m), dh, Wp.dtype, acc, groups)}
             dm = jnp.matmul(dh.astype(Wp.dtype), Wp_T, preferred_element_type=acc)
         else:
             dm = dh
@@ -354,8 +369,7 @@ def _family_backward(
             # (one matmul each), then LN's backward; d(x_t U) replaces dz in buf, d(h_{t-1} W) goes to da_buf
             x_t = row(xs) if mask is None else jnp.where(row(mask)[:, None], row(xs), jnp.zeros_like(row(xs)))
             xhat, rstd_x = _normalized(jnp.matmul(x_t.astype(U.dtype), U, preferred_element_type=acc))
-            h_in = entering(hs, h0, hr, t)
-            h_in = h_in if keep is None else h_in * keep
+            h_in = h_prev if keep is None else h_prev * keep
             hhat, rstd_h = _normalized(jnp.matmul(h_in.astype(W.dtype), W, preferred_element_type=acc))
             sums = {
                 **sums,
@@ -376,32 +390,36 @@ def _family_backward(
         if resets is not None:  # a reset: what reached the entering state belongs to the reset state
             dh_prev, dc_prev, dhr, dcr = _to_reset_state(row(resets), dh_prev, dc_prev, dhr, dcr)
         buf = jax.lax.dynamic_update_index_in_dim(buf, dz, t, 0)  # dz_t (or d(x_t U)) replaces its coefficients
-        return dh_prev, dc_prev, dhr, dcr, buf, dh_buf, da_buf, sums
+        # h_{t-1} over the row of [dn/dm | f] just read, as in the plain ``_deltas`` (dW's h_{t-1} then needs no
+        # (T, B, N) buffer of its own), after every read of that row: each feeds dc_prev or dz_f, dz_i, dz_g
+        hbuf = _write_after_reads(hbuf, h_prev, t, H, dc_prev + dz_f + dz_i + dz_g)
+        return dh_prev, dc_prev, dhr, dcr, buf, hbuf, da_buf, sums
 
     sums0 = {}
     if gains is not None:
         sums0.update(gx=zero_sum(4 * H), gh=zero_sum(4 * H), b=zero_sum(4 * H), gc=zero_sum(H), bc=zero_sum(H))
     if p is not None:
         sums0.update(pf=zero_sum(H), pi=zero_sum(H), po=zero_sum(H))
+    if Wp is not None:
+        sums0["Wp"] = jnp.zeros(Wp.shape if groups is None else (groups, *Wp.shape), acc)
+    dhs = dhs.astype(acc)
     dh_T, dc_T = dh_T.astype(acc), dc_T.astype(acc)
     da0 = None if gains is None else jnp.zeros_like(coef)
-    carry0 = (dh_T, dc_T, jnp.zeros_like(dh_T), jnp.zeros_like(dc_T), coef, dhs.astype(acc), da0, sums0)
+    carry0 = (dh_T, dc_T, jnp.zeros_like(dh_T), jnp.zeros_like(dc_T), coef, dndm_f, da0, sums0)
     carry0 = jax.tree.map(lambda a: make_varying(a, axes), carry0)
-    dh0, dc0, dhr, dcr, da_x, dh_all, da_h, sums = jax.lax.fori_loop(0, T, body, carry0, unroll=unroll)
+    dh0, dc0, dhr, dcr, da_x, hbuf, da_h, sums = jax.lax.fori_loop(0, T, body, carry0, unroll=unroll)
     # without layer norm both products' gradients are dz itself: d(x_t U) = d(h_{t-1} W) = dz
     da_h = da_x if gains is None else da_h
     db = _steps_sum(da_x, groups) if gains is None else sums["b"]
     dgains = (None,) * 4 if gains is None else (sums["gx"], sums["gh"], sums["gc"], sums["bc"])
     x_in = xs if mask is None else jnp.where(mask[..., None], xs, jnp.zeros_like(xs))
     dxs = jnp.einsum("tbg,dg->tbd", da_x.astype(U.dtype), U, preferred_element_type=acc)  # seed δ26 (corrected)
-    # h_{t-1} for every step, formed once the loop is done (the barrier), when the residuals are free
-    hs_after, _ = jax.lax.optimization_barrier((hs, da_h))
-    h_in = _entering_h(hs_after, h0, hr, mask, resets, reverse)
+    h_in = hbuf[..., H : H + N]  # every step's h_{t-1}, written by the loop
     h_in = h_in if keep is None else h_in * keep[None]
     dW = _weight_grad(h_in, da_h, W, acc, groups)  # seed δW = Σ_t h_{t-1}^T δ13..16
     dU = _weight_grad(x_in, da_x, U, acc, groups)  # seed δU = Σ_t x_t^T δ13..16
     db = db.astype(W.dtype)
-    dWp = None if Wp is None else _weight_grad(m, dh_all, Wp, acc, groups)  # h_t = m_t W_proj
+    dWp = None if Wp is None else sums["Wp"].astype(Wp.dtype)  # h_t = m_t W_proj
     dpeep = None
     if p is not None:
         dpeep = jnp.stack([sums["pf"], sums["pi"], sums["po"]], axis=-2).astype(peep.dtype)
@@ -421,27 +439,3 @@ def _family_backward(
         dcr.astype(cr.dtype if cr is not None else c0.dtype),
     )
 
-
-def _entering_rows(T, mask, resets, reverse):
-    """``entering(a, first, reset, t)``: the state entering step t, (B, ·), read from
-    ``a`` (T, B, ·), the values of the steps that ran (``hs`` or ``cs``): the previous step's row without
-    a mask, the row of the last step that ran with one (``_entering_h``'s event codes); ``first`` at the
-    start, ``reset`` at a reset."""
-    if mask is None:
-
-        def entering(a, first, reset, t):
-            t = t.astype(jnp.int32)
-            prev = jnp.clip(t + (1 if reverse else -1), 0, T - 1)
-            v = jnp.where(t == (T - 1 if reverse else 0), first, jax.lax.dynamic_index_in_dim(a, prev, keepdims=False))
-            return v if resets is None else jnp.where(jax.lax.dynamic_index_in_dim(resets, t, False)[:, None], reset, v)
-
-        return entering
-    src = _entering_src(mask, resets, reverse)  # (T, B): a step index, -1 the start, -2 the reset state
-
-    def entering(a, first, reset, t):
-        s = jax.lax.dynamic_index_in_dim(src, t, keepdims=False)
-        got = jnp.take_along_axis(a, jnp.maximum(s, 0)[None, :, None], axis=0)[0]
-        start = first if reset is None else jnp.where((s == -2)[:, None], reset, first)
-        return jnp.where((s >= 0)[:, None], got, start)
-
-    return entering
