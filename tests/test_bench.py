@@ -67,8 +67,13 @@ def test_summarize_takes_each_implementation_at_its_best_unroll():
 
 def test_slowest_shape_targets_list_every_shape_and_render():
     results = [
-        dict(shape=[3, 2, 2, 2], records=[_record("manual", 1, 5.0, fwd_ms=3.0), _record("torch", None, 4.0, fwd_ms=2.0)]),
-        dict(shape=[4, 2, 2, 2], records=[_record("manual", 1, 8.0, fwd_ms=1.0), _record("torch", None, 16.0, fwd_ms=4.0)]),
+        dict(
+            shape=[3, 2, 2, 2], records=[_record("manual", 1, 5.0, fwd_ms=3.0), _record("torch", None, 4.0, fwd_ms=2.0)]
+        ),
+        dict(
+            shape=[4, 2, 2, 2],
+            records=[_record("manual", 1, 8.0, fwd_ms=1.0), _record("torch", None, 16.0, fwd_ms=4.0)],
+        ),
     ]
     s = bench.summarize(results, peak_gflops=1.0, memory=None)
     train, fwd = s["targets"]["time_ratio_vs_torch_max"], s["targets"]["fwd_time_ratio_vs_torch_max"]
