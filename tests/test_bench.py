@@ -65,6 +65,27 @@ def test_summarize_takes_each_implementation_at_its_best_unroll():
     assert t["peak_fraction"]["value"] == pytest.approx(0.2) and t["peak_fraction"]["met"] is False
 
 
+def test_slowest_shape_targets_list_every_shape_and_render():
+    results = [
+        dict(
+            shape=[3, 2, 2, 2], records=[_record("manual", 1, 5.0, fwd_ms=3.0), _record("torch", None, 4.0, fwd_ms=2.0)]
+        ),
+        dict(
+            shape=[4, 2, 2, 2],
+            records=[_record("manual", 1, 8.0, fwd_ms=1.0), _record("torch", None, 16.0, fwd_ms=4.0)],
+        ),
+    ]
+    s = bench.summarize(results, peak_gflops=1.0, memory=None)
+    train, fwd = s["targets"]["time_ratio_vs_torch_max"], s["targets"]["fwd_time_ratio_vs_torch_max"]
+    assert train["per_shape"] == pytest.approx([1.25, 0.5]) and train["value"] == pytest.approx(1.25)
+    assert fwd["per_shape"] == pytest.approx([1.5, 0.25]) and fwd["value"] == pytest.approx(1.5)
+    assert train["met"] is False and fwd["met"] is False and fwd["direction"] == "<="
+    report = dict(peak_gflops=1.0, peak_n=8, results=results, summary=s, memory=None)
+    printed = bench.render_table(report)
+    line = next(ln for ln in printed.splitlines() if "forward time, slowest shape" in ln)
+    assert "1.50" in line and "MISSED" in line and "per shape: 1.50, 0.25" in line
+
+
 def test_best_unroll_is_the_smallest_within_the_tolerance():
     records = [_record("manual", 1, 10.0), _record("manual", 2, 9.8), _record("manual", 4, 12.0)]
     records.append(_record("torch", None, 5.0))
