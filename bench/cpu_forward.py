@@ -1,7 +1,7 @@
 """Where a forward step of ``lstm`` spends its time on the CPU, and designs of the forward measured against it.
 
 Three measurements, each over the standard shapes of ``jax-lstm bench`` (float32, one layer, forward only,
-no gradient), each in one process; the numbers and what they mean are in ``bench/CPU_FORWARD.md``:
+no gradient), each in one process; the numbers and what they mean are in ``docs/cpu-forward.md``:
 
     python bench/cpu_forward.py profile   # the thunks of the compiled loop body, µs per step (jax.profiler)
     python bench/cpu_forward.py ablate    # the same parts by ablation, without the profiler's overhead

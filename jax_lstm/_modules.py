@@ -131,7 +131,8 @@ def projected_sizes(sizes: Sequence[int], proj_size) -> tuple[int, ...]:
 
 
 def variant_options(stack) -> dict:
-    """The LSTM-family options a stack was built with: ``proj_size`` (0 or one per layer), ``peephole``, ``layer_norm``."""
+    """The LSTM-family options a stack was built with: ``proj_size`` (0, or one per layer), ``peephole``,
+    ``layer_norm``."""
     first = [layer[0] for layer in stack]
     proj = tuple(0 if p.W_proj is None else int(p.W_proj.shape[1]) for p in first)
     return {

@@ -489,7 +489,8 @@ def _deltas(W, U, xs, h0, c0, hr, mask, resets, keep, hs, coef, dcdh_f, dhs, dh_
     dxs = jnp.einsum("tbg,dg->tbd", dz.astype(U.dtype), U, preferred_element_type=acc)
     dtype = h0.dtype if hr is None else hr.dtype
     h_in = hbuf[..., H:]
-    return dz, h_in, dxs.astype(xs.dtype), dh0.astype(h0.dtype), dc0.astype(c0.dtype), dhr.astype(dtype), dcr.astype(dtype)
+    dstates = dh0.astype(h0.dtype), dc0.astype(c0.dtype), dhr.astype(dtype), dcr.astype(dtype)
+    return dz, h_in, dxs.astype(xs.dtype), *dstates
 
 
 def _to_reset_state(r, dh_prev, dc_prev, dhr, dcr):

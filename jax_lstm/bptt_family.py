@@ -391,8 +391,13 @@ def _family_backward(
             dh_prev, dc_prev, dhr, dcr = _to_reset_state(row(resets), dh_prev, dc_prev, dhr, dcr)
         buf = jax.lax.dynamic_update_index_in_dim(buf, dz, t, 0)  # dz_t (or d(x_t U)) replaces its coefficients
         # h_{t-1} over the row of [dn/dm | f] just read, as in the plain ``_deltas`` (dW's h_{t-1} then needs no
-        # (T, B, N) buffer of its own), after every read of that row: each feeds dc_prev or dz_f, dz_i, dz_g
-        hbuf = _write_after_reads(hbuf, h_prev, t, H, dc_prev + dz_f + dz_i + dz_g)
+        # (T, B, N) buffer of its own), after every read of that row: each feeds dc_prev, dz_f, dz_i, dz_g or
+        # (layer norm) the sums of the cell's gain and bias
+        read = dc_prev + dz_f + dz_i + dz_g
+        if gains is not None:  # (H,), or (groups, H) under vmap: one row per group, repeated over its rows
+            cell_sums = (sums["gc"] + sums["bc"]).reshape(-1, H)
+            read = read + jnp.repeat(cell_sums, read.shape[0] // cell_sums.shape[0], axis=0)
+        hbuf = _write_after_reads(hbuf, h_prev, t, H, read)
         return dh_prev, dc_prev, dhr, dcr, buf, hbuf, da_buf, sums
 
     sums0 = {}

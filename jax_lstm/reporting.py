@@ -120,7 +120,7 @@ def describe_model(config) -> str:
     parts = [f"LSTM {show_value(hidden_sizes(config))}" + (" (bidirectional)" if config.bidirectional else "")]
     if config.proj_size:
         parts.append(f"projection {config.proj_size}")
-    parts += [label for name, label in (("peephole", "peepholes"), ("layer_norm", "layer norm")) if getattr(config, name)]
+    parts += ["peepholes"] * bool(config.peephole) + ["layer norm"] * bool(config.layer_norm)
     for name, label in (("layer_dropout", "layer dropout"), ("recurrent_dropout", "recurrent dropout")):
         if getattr(config, name):
             parts.append(f"{label} {getattr(config, name):g}")

@@ -150,3 +150,35 @@ def test_option_rows_compare_the_same_computation_and_render(tmp_path, capsys):
     assert [r["option"] for r in report["results"][0]["rows"]] == list(bench.OPTIONS)
     assert report["summary"]["plain"]["time_ratio"] == pytest.approx(1.0)
     assert "x plain time" in capsys.readouterr().out
+
+
+def test_variants_rows_time_each_variant_against_its_own_autodiff(tmp_path, capsys):
+    """``--variants``: every variant's manual and autodiff train steps give the same gradients, the table has a
+    row per variant with the speed-up and memory ratio, and the targets are judged per variant."""
+    import jax
+    import numpy as np
+
+    from jax_lstm import lstm, lstm_ref
+    from jax_lstm.bench import family
+
+    shape = (5, 2, 3, 4)
+    for variant in family.VARIANTS:
+        g_manual = family.family_variant(lstm, variant, shape, "manual").train()
+        g_ref = family.family_variant(lstm_ref, variant, shape, "autodiff").train()
+        for a, b in zip(jax.tree.leaves(g_manual), jax.tree.leaves(g_ref), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=variant)
+    assert family.variant_options("all", 8) == {"proj_size": 4, "peephole": True, "layer_norm": True}
+    with pytest.raises(ValueError, match="variant must be one of"):
+        family.family_variant(lstm, "nope", shape, "manual")
+    out = tmp_path / "variants.json"
+    assert bench.main(["--variants", "--quick", "--reps", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["results"][0]["rows"]
+    assert [r["variant"] for r in rows] == list(family.VARIANTS)
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["autodiff_ms"] / r["manual_ms"])
+        assert 0 < r["memory_ratio"] < 1  # the hand-written backward keeps less than autodiff, every variant
+    text = capsys.readouterr().out
+    assert "| projection |" in text and "temp memory vs autodiff" in text and ">= 1.5x faster" in text
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "--options", "--quick"])

@@ -16,12 +16,18 @@ import numpy as np
 
 from jax_lstm.bench.render import fmt, markdown
 from jax_lstm.bench.timing import geomean
-from jax_lstm.bench.variant import Shape, Variant, bench_shape, compiled_variant
-from jax_lstm.bptt import lstm
+from jax_lstm.bench.variant import Shape, Variant, bench_shape, layer_variant
 from jax_lstm.cell import init_params
-from jax_lstm.reference import lstm_ref
+from jax_lstm.layers import IMPLS
 
-__all__ = ["VARIANTS", "VARIANT_TARGETS", "variant_options", "family_variant", "bench_variants", "render_variants_table"]
+__all__ = [
+    "VARIANTS",
+    "VARIANT_TARGETS",
+    "variant_options",
+    "family_variant",
+    "bench_variants",
+    "render_variants_table",
+]
 
 VARIANTS = ("plain", "projection", "peephole", "layer_norm", "all")
 VARIANT_TARGETS = {
@@ -53,14 +59,7 @@ def family_variant(fn, variant: str, shape: Shape, impl: str, seed: int = 0) -> 
     f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
     xs, ws = f32(T, B, D), (f32(T, B, P), f32(B, P), f32(B, H))
 
-    def forward(p_, xs_):
-        return fn(p_, xs_)
-
-    def loss(p_, xs_, w, w2, w3):
-        hs, (h, c) = forward(p_, xs_)
-        return jnp.sum(hs * w) + jnp.sum(h * w2) + jnp.sum(c * w3)
-
-    return compiled_variant(f"{impl}:{variant}", None, loss, forward, p, xs, ws)
+    return layer_variant(f"{impl}:{variant}", fn, p, xs, ws)
 
 
 def bench_variants(
@@ -75,7 +74,9 @@ def bench_variants(
     results = []
     for shape in shapes:
         timed = [
-            family_variant(fn, v, shape, impl) for v in variants for impl, fn in (("manual", lstm), ("autodiff", lstm_ref))
+            family_variant(fn, v, shape, impl)
+            for v in variants
+            for impl, fn in IMPLS.items()
         ]
         by = {r["impl"]: r for r in bench_shape(shape, timed, warmup=warmup, reps=reps, seconds=seconds)}
         rows = []
@@ -108,7 +109,8 @@ def bench_variants(
 def render_variants_table(report: dict) -> str:
     """Every (shape, variant) row as a Markdown table, then the geometric means against the targets."""
     lines = markdown(
-        ("shape (T, B, D, H)", "variant", "manual ms", "autodiff ms", "speed-up", "temp MiB manual / autodiff", "ratio"),
+        ("shape (T, B, D, H)", "variant", "manual ms", "autodiff ms", "speed-up", "temp MiB manual / autodiff",
+         "ratio"),
         [
             (
                 str(tuple(res["shape"])),

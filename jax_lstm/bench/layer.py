@@ -32,8 +32,7 @@ import jax.numpy as jnp
 from jax_lstm.bench.render import columns, fmt, mib
 from jax_lstm.bench.timing import UNROLL_TOLERANCE, best_unroll, block, geomean, interleave
 from jax_lstm.bench.variant import Shape, Variant, bench_shape, compiled_variant, problem
-from jax_lstm.bptt import lstm
-from jax_lstm.reference import lstm_ref
+from jax_lstm.layers import IMPLS
 
 __all__ = [
     "DEFAULT_SHAPES",
@@ -236,7 +235,7 @@ def summarize(results: list[dict], peak_gflops: float, memory: dict | None) -> d
 def memory_compare(shape: Shape, unroll: int = 1) -> dict:
     """Compiled temporary memory of the train step, manual vs autodiff, at ``shape``."""
     out: dict[str, Any] = dict(shape=list(shape), unroll=unroll)
-    for impl, fn in (("manual", lstm), ("autodiff", lstm_ref)):
+    for impl, fn in IMPLS.items():
         v = jax_variant(fn, shape, unroll, impl)
         out[f"{impl}_bytes"] = v.temp_bytes
         out[f"{impl}_compile_s"] = v.compile_s
@@ -271,7 +270,7 @@ def bench_layer(
     results = []
     for shape in shapes:
         variants: list[Variant] = []
-        for impl, fn in (("manual", lstm), ("autodiff", lstm_ref)):
+        for impl, fn in IMPLS.items():
             variants += [jax_variant(fn, shape, u, impl) for u in unrolls]
         for wanted, make in ((flax, flax_variant), (torch, torch_variant)):
             v = make(shape) if wanted else None

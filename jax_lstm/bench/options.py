@@ -16,9 +16,8 @@ import numpy as np
 
 from jax_lstm.bench.render import fmt, markdown
 from jax_lstm.bench.timing import geomean
-from jax_lstm.bench.variant import Shape, Variant, bench_shape, compiled_variant, problem
-from jax_lstm.bptt import lstm
-from jax_lstm.reference import lstm_ref
+from jax_lstm.bench.variant import Shape, Variant, bench_shape, layer_variant, problem
+from jax_lstm.layers import IMPLS
 
 __all__ = ["OPTIONS", "OPTION_TARGETS", "option_variant", "bench_options", "render_options_table"]
 
@@ -73,13 +72,7 @@ def option_variant(fn: Callable, option: str, shape: Shape, impl: str, seed: int
         def forward(p_, xs_):
             return fn(p_, xs_, **kw)
 
-    p, xs, ws = jax.device_put((p, xs, ws))
-
-    def loss(p_, xs_, w, w2, w3):
-        hs, (h, c) = forward(p_, xs_)
-        return jnp.sum(hs * w) + jnp.sum(h * w2) + jnp.sum(c * w3)
-
-    return compiled_variant(f"{impl}:{option}", None, loss, forward, p, xs, ws)
+    return layer_variant(f"{impl}:{option}", forward, *jax.device_put((p, xs, ws)))
 
 
 def bench_options(
@@ -96,7 +89,7 @@ def bench_options(
         variants = [
             option_variant(fn, opt, shape, impl)
             for opt in options
-            for impl, fn in (("manual", lstm), ("autodiff", lstm_ref))
+            for impl, fn in IMPLS.items()
         ]
         records = bench_shape(shape, variants, warmup=warmup, reps=reps, seconds=seconds)
         by = {r["impl"]: r for r in records}

@@ -19,7 +19,16 @@ import numpy as np
 from jax_lstm.bench.timing import block, interleave
 from jax_lstm.cell import LSTMParams, init_params
 
-__all__ = ["Shape", "Variant", "problem", "compiled_variant", "temp_bytes", "matmul_flops", "bench_shape"]
+__all__ = [
+    "Shape",
+    "Variant",
+    "problem",
+    "compiled_variant",
+    "layer_variant",
+    "temp_bytes",
+    "matmul_flops",
+    "bench_shape",
+]
 
 Shape = tuple[int, int, int, int]
 
@@ -76,6 +85,17 @@ def compiled_variant(name: str, unroll: int | None, loss: Callable, forward: Cal
         compile_s=compile_s,
         temp_bytes=temp_bytes(train),
     )
+
+
+def layer_variant(name: str, forward: Callable, params, xs, ws) -> Variant:
+    """``compiled_variant`` of a layer ``forward(params, xs) -> (hs, (h_T, c_T))`` with the standard train loss,
+    ``sum(hs * w) + sum(h_T * w2) + sum(c_T * w3)`` for ``ws = (w, w2, w3)``."""
+
+    def loss(p_, xs_, w, w2, w3):
+        hs, (h, c) = forward(p_, xs_)
+        return jnp.sum(hs * w) + jnp.sum(h * w2) + jnp.sum(c * w3)
+
+    return compiled_variant(name, None, loss, forward, params, xs, ws)
 
 
 def matmul_flops(shape: Shape) -> tuple[float, float]:

@@ -178,7 +178,7 @@ def init_model(key: jax.Array, n_in: int, n_out: int, config) -> dict[str, Any]:
 
 
 def zero_carry(config, batch_size: int):
-    """The zero state of the stack: per layer and direction ``LSTMState`` with c: (batch_size, H_l), h: (batch_size, P_l)."""
+    """The stack's zero state: per layer and direction ``LSTMState``, c: (batch_size, H_l), h: (batch_size, P_l)."""
     n_dir = 2 if config.bidirectional else 1
     zeros = lambda h: jnp.zeros((batch_size, h), jnp.dtype(config.dtype))  # noqa: E731
     return tuple(
