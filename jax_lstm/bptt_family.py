@@ -5,8 +5,8 @@ or ``norm`` field; the equations are in ``jax_lstm.cell``. The family has its
 own custom_vjp and kernels, so that the plain path of ``bptt.py`` carries none
 of their terms; within them each variant is a static branch on whether its
 parameters are present. The building blocks it shares with the plain LSTM
-(the vmap fold's kinds, ``_entering_rows``, the kernels' container) come from
-``bptt.py``.
+(the vmap fold's kinds, the kernels' container) come from ``bptt.py``; where
+each step's entering state comes from, from ``_entering.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_lstm import _vmap_fold as fold
+from jax_lstm._entering import entering_rows as _entering_rows
 from jax_lstm._sharding import make_varying, sum_over_extra_axes, varying_axes
 from jax_lstm.bptt import (
     _CORE_IN,
@@ -26,7 +27,6 @@ from jax_lstm.bptt import (
     _R1,
     _W,
     _contract,
-    _entering_rows,
     _Kernels,
     _row,
     _scan_outputs,

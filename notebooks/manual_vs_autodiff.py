@@ -582,8 +582,8 @@ for n in range(3):
 # step's output is 0, while the state it carries is the output of the last step that *ran* before t. So
 # $\bar h_{t-1}$ is that output, or $h_0$ when no step has run since the start or since the latest reset.
 # (Skipped steps have $dz_t = 0$ and contribute nothing whatever $\bar h_{t-1}$ is.) `bptt.py` finds it for all
-# t at once after the backward loop (`_entering_h`: a running maximum, over the visit order, of the position of
-# the latest step that ran or reset), so the loop itself carries nothing extra.
+# t at once (`_entering.py`: a running maximum, over the visit order, of the position of
+# the latest step that ran or reset); the backward loop reads it row by row and writes it over the residual row it has just used.
 #
 # | term | seed (corrected), plain step | with mask $m_t$, reset $r_t$, dropout κ |
 # |---|---|---|
