@@ -45,8 +45,8 @@ def _check_against_oracle(run_module, stack, xs_tm, opts, sizes, n_dir, tol=1e-1
         hs, finals = lstm_stack(stack, xs, seq_lengths=LENGTHS, impl="autodiff")
         return hs, [a for layer in finals for s in layer for a in (s.c, s.h)]
 
-    hs_m, carry_m = run_module(stack, xs_tm)
-    hs_o, carry_o = oracle(stack, xs_tm)
+    hs_m, carry_m = jax.jit(run_module)(stack, xs_tm)
+    hs_o, carry_o = jax.jit(oracle)(stack, xs_tm)
     assert hs_m.shape == (T, B, n_dir * _h_size(opts, sizes[-1]))
     assert rel_err(hs_m, hs_o) < tol
     assert len(carry_m) == len(carry_o)
@@ -60,7 +60,7 @@ def _check_against_oracle(run_module, stack, xs_tm, opts, sizes, n_dir, tol=1e-1
             hs, carry = fn(stack, xs)
             return jnp.sum(hs * cts[0]) + sum(jnp.sum(a * w) for a, w in zip(carry, cts[1], strict=True))
 
-        return jax.grad(f, argnums=(0, 1))(stack, xs_tm)
+        return jax.jit(jax.grad(f, argnums=(0, 1)))(stack, xs_tm)
 
     g_m, g_o = loss(run_module), loss(oracle)
     leaves_m, leaves_o = jax.tree.leaves(g_m), jax.tree.leaves(g_o)
