@@ -1,4 +1,4 @@
-"""The package's layering: no module imports from a module to its right, and no file of the package or the benchmarks is over 600 lines.
+"""The package's layering: no module imports from a module to its right; no package or bench file over 600 lines.
 
 cell -> inputs -> reference/bptt -> layers -> modules/interop -> tasks -> train -> cli: each module of
 ``jax_lstm`` has a tier, and every ``jax_lstm`` import it makes (at the top or inside a function) is

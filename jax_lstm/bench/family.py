@@ -16,9 +16,8 @@ import numpy as np
 
 from jax_lstm.bench.render import fmt, markdown
 from jax_lstm.bench.timing import geomean
-from jax_lstm.bench.variant import Shape, Variant, bench_shape, layer_variant
+from jax_lstm.bench.variant import Shape, Variant, bench_pairs, layer_variant
 from jax_lstm.cell import init_params
-from jax_lstm.layers import IMPLS
 
 __all__ = [
     "VARIANTS",
@@ -73,15 +72,9 @@ def bench_variants(
     """Train-step time and temp memory of every variant for ``lstm`` and ``lstm_ref``, interleaved per shape."""
     results = []
     for shape in shapes:
-        timed = [
-            family_variant(fn, v, shape, impl)
-            for v in variants
-            for impl, fn in IMPLS.items()
-        ]
-        by = {r["impl"]: r for r in bench_shape(shape, timed, warmup=warmup, reps=reps, seconds=seconds)}
+        pairs = bench_pairs(shape, variants, family_variant, warmup=warmup, reps=reps, seconds=seconds)
         rows = []
-        for v in variants:
-            m, a = by[f"manual:{v}"], by[f"autodiff:{v}"]
+        for v, (m, a) in pairs.items():
             tm, ta = m["temp_bytes"], a["temp_bytes"]
             rows.append(
                 dict(

@@ -16,8 +16,7 @@ import numpy as np
 
 from jax_lstm.bench.render import fmt, markdown
 from jax_lstm.bench.timing import geomean
-from jax_lstm.bench.variant import Shape, Variant, bench_shape, layer_variant, problem
-from jax_lstm.layers import IMPLS
+from jax_lstm.bench.variant import Shape, Variant, bench_pairs, layer_variant, problem
 
 __all__ = ["OPTIONS", "OPTION_TARGETS", "option_variant", "bench_options", "render_options_table"]
 
@@ -86,17 +85,10 @@ def bench_options(
     """Train-step time and temp memory of every option for ``lstm`` and ``lstm_ref``, interleaved per shape."""
     results = []
     for shape in shapes:
-        variants = [
-            option_variant(fn, opt, shape, impl)
-            for opt in options
-            for impl, fn in IMPLS.items()
-        ]
-        records = bench_shape(shape, variants, warmup=warmup, reps=reps, seconds=seconds)
-        by = {r["impl"]: r for r in records}
-        plain = by["manual:plain"]
+        pairs = bench_pairs(shape, options, option_variant, warmup=warmup, reps=reps, seconds=seconds)
+        plain = pairs["plain"][0]
         rows = []
-        for opt in options:
-            m, a = by[f"manual:{opt}"], by[f"autodiff:{opt}"]
+        for opt, (m, a) in pairs.items():
             rows.append(
                 dict(
                     option=opt,

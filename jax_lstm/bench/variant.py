@@ -28,6 +28,7 @@ __all__ = [
     "temp_bytes",
     "matmul_flops",
     "bench_shape",
+    "bench_pairs",
 ]
 
 Shape = tuple[int, int, int, int]
@@ -96,6 +97,16 @@ def layer_variant(name: str, forward: Callable, params, xs, ws) -> Variant:
         return jnp.sum(hs * w) + jnp.sum(h * w2) + jnp.sum(c * w3)
 
     return compiled_variant(name, None, loss, forward, params, xs, ws)
+
+
+def bench_pairs(shape: Shape, names: Sequence[str], make: Callable, **timing) -> dict[str, tuple[dict, dict]]:
+    """Per name, the records of ``make(fn, name, shape, impl)`` for ``lstm`` ("manual") and ``lstm_ref``
+    ("autodiff"), all timed in one interleaved run (``bench_shape``; ``timing``: its keyword arguments)."""
+    from jax_lstm.layers import IMPLS
+
+    timed = [make(fn, name, shape, impl) for name in names for impl, fn in IMPLS.items()]
+    by = {r["impl"]: r for r in bench_shape(shape, timed, **timing)}
+    return {name: (by[f"manual:{name}"], by[f"autodiff:{name}"]) for name in names}
 
 
 def matmul_flops(shape: Shape) -> tuple[float, float]:
