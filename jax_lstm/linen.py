@@ -215,7 +215,7 @@ class LSTM(nn.Module):
         ``module.apply(variables, carry, x_t, method="step")``: the variables,
         dtype and activations of the sequence call; ``carry`` in the module's
         form (None: ``carry_init``, zeros by default); x_t: (*batch, D); y_t:
-        (*batch, H_L), the last layer's h.
+        (*batch, P_L), the last layer's h (P_L = H_L without a projection).
         """
         carry, ys = self(
             step_inputs(self.bidirectional, x_t),
