@@ -11,8 +11,9 @@ kernel ``_forward`` and the backward ``_backward`` with its helpers.
   derivatives the backward needs, and writes them over the row of ``xs @ U``
   it has just consumed;
 * backward: a loop whose body is one element-wise pass (the gate deltas
-  ``dz_t``), one matmul ``dh_{t-1} = dz_t @ W^T`` and the write of ``dz_t``
-  over the coefficients it was made from; ``dW``, ``dU``, ``db`` and ``dxs``
+  ``dz_t``), one matmul ``dh_{t-1} = dz_t @ W^T``, the write of ``dz_t``
+  over the coefficients it was made from and of h_{t-1} (``dW``'s operand)
+  over the ``[dc/dh | f]`` row it has read; ``dW``, ``dU``, ``db`` and ``dxs``
   are then single matmuls over all steps at once.
 
 A step ``mask``, ``resets`` of the state and variational recurrent dropout on
