@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STAMP_DEV := $(VENV)/.installed-dev
 STAMP_DOCS := $(VENV)/.installed-docs
-# pytest-xdist workers: the suite is sized for 2 cores; worksteal evens out the long tests at the end
+# pytest-xdist workers: the suite is sized for 2 cores
 JOBS ?= 2
 
 .PHONY: train test lint bench gradcheck docs clean
@@ -29,7 +29,7 @@ train: $(STAMP)
 	$(VENV)/bin/jax-lstm train $(ARGS)
 
 test: $(STAMP_DEV)
-	$(PY) -m pytest -q -n $(JOBS) --dist worksteal $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS)
 
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check .
