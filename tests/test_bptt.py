@@ -111,7 +111,7 @@ def test_check_grads_second_order_float64():
     lengths = jnp.array([4, 2], jnp.int32)
     for reverse in (False, True):
         f = lambda p_, x_, s_, r=reverse: lstm(p_, x_, s_, seq_lengths=lengths, reverse=r)  # noqa: E731
-        check_grads(f, (p, xs, s0), order=2, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-7)
+        check_grads(jax.jit(f), (p, xs, s0), order=2, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-7)
 
 
 def test_gradient_uses_the_custom_vjp():
